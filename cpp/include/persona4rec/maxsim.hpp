@@ -1,0 +1,66 @@
+// Grouped (multi-persona) max-sim over int8 persona vectors in a CSR layout.
+//
+// Item i owns the persona rows offsets[i] .. offsets[i+1]-1 of `codes` (n_personas x d).
+// score(item) = max_p  (float(dot(q, v_p)) * q_scale) * scale_p, with the winning
+// persona row returned beside it. An item with no personas is never returned.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "persona4rec/kernels.hpp"
+
+namespace persona4rec {
+
+struct PersonaMatrix {
+  const int8_t* codes = nullptr;    // n_personas x d, row-major
+  const float* scales = nullptr;    // n_personas
+  const int64_t* offsets = nullptr; // n_items + 1
+  std::size_t n_items = 0;
+  std::size_t n_personas = 0;
+  std::size_t d = 0;
+  std::size_t max_group = 0;        // largest number of personas of one item
+};
+
+// Checks offsets: starts at 0, non-decreasing, ends at n_personas. Returns an empty
+// string when valid, else a message naming the first problem. Fills max_group.
+std::string validate_offsets(PersonaMatrix& m);
+
+// A batch of prepared queries: codes (n_queries x d) and scales.
+struct QueryBatch {
+  const int8_t* codes = nullptr;
+  const float* scales = nullptr;
+  std::vector<int64_t> code_sums;
+  std::size_t n = 0;
+};
+
+// Per-query item lists in CSR form (list_offsets has n_queries + 1 entries).
+struct ItemLists {
+  const int64_t* offsets = nullptr;
+  const int64_t* items = nullptr;
+  bool present() const { return offsets != nullptr; }
+};
+
+enum class ListMode { none, allow, deny };
+
+// Score the given candidate items for one query (the rerank path): touches only the
+// candidates' rows. Outputs have n_candidates entries; an item with no personas gets
+// -infinity and persona -1. Candidate indices must be validated by the caller.
+void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_codes,
+                      float q_scale, int64_t q_code_sum, const int64_t* candidates,
+                      std::size_t n_candidates, float* out_scores, int64_t* out_persona);
+
+// Exact top-k over the catalog for every query, fused: block scan, per-item max and a
+// bounded heap, so no full score array exists. Rows of the outputs (n_queries x k) are
+// best first; when fewer than k items are eligible, the tail is item -1, persona -1,
+// score -infinity. `exclude_mask` (n_items bytes, nonzero = never return) may be null.
+void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& queries,
+                  std::size_t k, ListMode mode, const ItemLists& lists,
+                  const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
+                  float* out_scores, int64_t* out_persona);
+
+// A plain streaming read of `n_bytes` (the memory-bandwidth floor for benchmarks).
+uint64_t stream_read(const void* data, std::size_t n_bytes);
+
+}  // namespace persona4rec

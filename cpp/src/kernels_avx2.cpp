@@ -1,0 +1,71 @@
+// AVX2 path. vpmaddubsw multiplies unsigned by signed bytes; with codes in
+// [-127, 127] we feed it |v| and sign(q, v), whose pairwise sums stay within
+// 2 * 127 * 127 < 32767, so the saturating 16-bit step is exact.
+// Compiled with -mavx2 only; chosen at run time. Plain loops and intrinsics only.
+#include <immintrin.h>
+
+#include "persona4rec/kernels.hpp"
+
+namespace persona4rec {
+
+namespace {
+
+inline __m256i madd_step(__m256i acc, __m256i q, __m256i v, __m256i ones16) {
+  const __m256i abs_v = _mm256_sign_epi8(v, v);
+  const __m256i q_signed = _mm256_sign_epi8(q, v);
+  const __m256i p16 = _mm256_maddubs_epi16(abs_v, q_signed);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones16));
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline int32_t tail_dot(const int8_t* q, const int8_t* v, std::size_t from, std::size_t d) {
+  int32_t acc = 0;
+  for (std::size_t j = from; j < d; ++j) acc += int32_t(q[j]) * int32_t(v[j]);
+  return acc;
+}
+
+}  // namespace
+
+void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
+                   std::size_t d, int32_t* out) {
+  const int8_t* q = qc.codes;
+  const std::size_t body = d & ~std::size_t(31);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  std::size_t r = 0;
+  // Four rows at a time share each query load and give four independent chains.
+  for (; r + 4 <= n_rows; r += 4) {
+    const int8_t* v0 = rows + (r + 0) * d;
+    const int8_t* v1 = rows + (r + 1) * d;
+    const int8_t* v2 = rows + (r + 2) * d;
+    const int8_t* v3 = rows + (r + 3) * d;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (std::size_t j = 0; j < body; j += 32) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j));
+      a0 = madd_step(a0, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j)), ones16);
+      a1 = madd_step(a1, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j)), ones16);
+      a2 = madd_step(a2, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v2 + j)), ones16);
+      a3 = madd_step(a3, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v3 + j)), ones16);
+    }
+    out[r + 0] = hsum(a0) + tail_dot(q, v0, body, d);
+    out[r + 1] = hsum(a1) + tail_dot(q, v1, body, d);
+    out[r + 2] = hsum(a2) + tail_dot(q, v2, body, d);
+    out[r + 3] = hsum(a3) + tail_dot(q, v3, body, d);
+  }
+  for (; r < n_rows; ++r) {
+    const int8_t* v = rows + r * d;
+    __m256i a = _mm256_setzero_si256();
+    for (std::size_t j = 0; j < body; j += 32) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j));
+      a = madd_step(a, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)), ones16);
+    }
+    out[r] = hsum(a) + tail_dot(q, v, body, d);
+  }
+}
+
+}  // namespace persona4rec

@@ -1,0 +1,255 @@
+#include "persona4rec/maxsim.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <thread>
+
+#include "persona4rec/quantize.hpp"
+#include "persona4rec/topk.hpp"
+
+namespace persona4rec {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Rows scored per kernel call in the catalog scan: a block of about 32 KiB of codes
+// stays in L1/L2 while every query of a batch reads it.
+constexpr std::size_t kBlockBytes = 32 * 1024;
+
+inline void prefetch_rows(const int8_t* p, std::size_t n_bytes) {
+  // Cap the prefetch so one huge item does not flood the memory system.
+  const std::size_t cap = n_bytes < 4096 ? n_bytes : 4096;
+  for (std::size_t off = 0; off < cap; off += 64) __builtin_prefetch(p + off, 0, 1);
+}
+
+// Best persona of one item given its rows' int32 dots.
+inline void best_of_group(const int32_t* dots, const float* scales, std::size_t n, float q_scale,
+                          float& best, std::size_t& best_j) {
+  best = kNegInf;
+  best_j = 0;
+  for (std::size_t j = 0; j < n; ++j) {
+    const float s = (float(dots[j]) * q_scale) * scales[j];
+    if (s > best) {
+      best = s;
+      best_j = j;
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<Scored> TopK::take_sorted() {
+  std::vector<Scored> out;
+  out.swap(heap_);
+  std::sort(out.begin(), out.end(), ranks_before);
+  return out;
+}
+
+std::string validate_offsets(PersonaMatrix& m) {
+  if (m.offsets[0] != 0) return "offsets[0] must be 0 (got " + std::to_string(m.offsets[0]) + ")";
+  std::size_t max_group = 0;
+  for (std::size_t i = 0; i < m.n_items; ++i) {
+    const int64_t a = m.offsets[i], b = m.offsets[i + 1];
+    if (b < a)
+      return "offsets must be non-decreasing: offsets[" + std::to_string(i + 1) + "]=" +
+             std::to_string(b) + " < offsets[" + std::to_string(i) + "]=" + std::to_string(a);
+    max_group = std::max<std::size_t>(max_group, std::size_t(b - a));
+  }
+  if (m.offsets[m.n_items] != int64_t(m.n_personas))
+    return "offsets[-1] must equal the number of persona vectors (" +
+           std::to_string(m.n_personas) + "), got " + std::to_string(m.offsets[m.n_items]);
+  m.max_group = max_group;
+  return "";
+}
+
+void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_codes,
+                      float q_scale, int64_t q_code_sum, const int64_t* candidates,
+                      std::size_t n_candidates, float* out_scores, int64_t* out_persona) {
+  const QueryCodes q{q_codes, q_code_sum};
+  std::vector<int32_t> dots(std::max<std::size_t>(m.max_group, 1));
+  const std::size_t d = m.d;
+  for (std::size_t c = 0; c < n_candidates; ++c) {
+    if (c + 1 < n_candidates) {
+      const int64_t nxt = candidates[c + 1];
+      prefetch_rows(m.codes + std::size_t(m.offsets[nxt]) * d,
+                    std::size_t(m.offsets[nxt + 1] - m.offsets[nxt]) * d);
+    }
+    const int64_t item = candidates[c];
+    const std::size_t p0 = std::size_t(m.offsets[item]);
+    const std::size_t n = std::size_t(m.offsets[item + 1]) - p0;
+    if (n == 0) {
+      out_scores[c] = kNegInf;
+      out_persona[c] = -1;
+      continue;
+    }
+    dot(q, m.codes + p0 * d, n, d, dots.data());
+    float best;
+    std::size_t best_j;
+    best_of_group(dots.data(), m.scales + p0, n, q_scale, best, best_j);
+    out_scores[c] = best;
+    out_persona[c] = int64_t(p0 + best_j);
+  }
+}
+
+namespace {
+
+void write_row(std::vector<Scored> best, std::size_t k, int64_t* items, float* scores,
+               int64_t* persona) {
+  for (std::size_t j = 0; j < k; ++j) {
+    if (j < best.size()) {
+      items[j] = best[j].item;
+      scores[j] = best[j].score;
+      persona[j] = best[j].persona;
+    } else {
+      items[j] = -1;
+      scores[j] = kNegInf;
+      persona[j] = -1;
+    }
+  }
+}
+
+// Top-k among an explicit allow-list: touches only those items.
+void topk_allowed(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std::size_t qi,
+                  std::size_t k, const ItemLists& lists, const uint8_t* exclude_mask,
+                  int64_t* out_items, float* out_scores, int64_t* out_persona) {
+  std::vector<int64_t> allowed(lists.items + lists.offsets[qi], lists.items + lists.offsets[qi + 1]);
+  std::sort(allowed.begin(), allowed.end());
+  allowed.erase(std::unique(allowed.begin(), allowed.end()), allowed.end());
+  if (exclude_mask != nullptr)
+    allowed.erase(std::remove_if(allowed.begin(), allowed.end(),
+                                 [&](int64_t i) { return exclude_mask[i] != 0; }),
+                  allowed.end());
+  std::vector<float> scores(allowed.size());
+  std::vector<int64_t> persona(allowed.size());
+  score_candidates(m, dot, qs.codes + qi * m.d, qs.scales[qi], qs.code_sums[qi], allowed.data(),
+                   allowed.size(), scores.data(), persona.data());
+  TopK heap(k);
+  for (std::size_t c = 0; c < allowed.size(); ++c)
+    if (persona[c] >= 0) heap.push(Scored{scores[c], allowed[c], persona[c]});
+  write_row(heap.take_sorted(), k, out_items + qi * k, out_scores + qi * k, out_persona + qi * k);
+}
+
+// Block-major scan of the whole catalog for queries [q_begin, q_end): each block of
+// persona rows is read from memory once and scored for every query of the range.
+void topk_scan(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std::size_t q_begin,
+               std::size_t q_end, std::size_t k, ListMode mode, const ItemLists& lists,
+               const uint8_t* exclude_mask, int64_t* out_items, float* out_scores,
+               int64_t* out_persona) {
+  const std::size_t d = m.d;
+  const std::size_t nq = q_end - q_begin;
+  std::vector<TopK> heaps(nq, TopK(k));
+  std::vector<std::vector<int64_t>> deny(nq);
+  std::vector<std::size_t> deny_pos(nq, 0);
+  if (mode == ListMode::deny) {
+    for (std::size_t j = 0; j < nq; ++j) {
+      const std::size_t qi = q_begin + j;
+      deny[j].assign(lists.items + lists.offsets[qi], lists.items + lists.offsets[qi + 1]);
+      std::sort(deny[j].begin(), deny[j].end());
+    }
+  }
+  std::vector<QueryCodes> q(nq);
+  for (std::size_t j = 0; j < nq; ++j)
+    q[j] = QueryCodes{qs.codes + (q_begin + j) * d, qs.code_sums[q_begin + j]};
+
+  const std::size_t rows_per_block = std::max<std::size_t>(kBlockBytes / std::max<std::size_t>(d, 1), 1);
+  std::vector<int32_t> dots(std::max(rows_per_block, m.max_group) + 1);
+
+  std::size_t i0 = 0;
+  while (i0 < m.n_items) {
+    // Grow the block by whole items; a single large item may exceed the target.
+    const std::size_t p0 = std::size_t(m.offsets[i0]);
+    std::size_t i1 = i0 + 1;
+    while (i1 < m.n_items && std::size_t(m.offsets[i1 + 1]) - p0 <= rows_per_block) ++i1;
+    const std::size_t p1 = std::size_t(m.offsets[i1]);
+    const std::size_t n_rows = p1 - p0;
+    if (n_rows > 0) {
+      for (std::size_t j = 0; j < nq; ++j) {
+        const float q_scale = qs.scales[q_begin + j];
+        dot(q[j], m.codes + p0 * d, n_rows, d, dots.data());
+        TopK& heap = heaps[j];
+        std::vector<int64_t>& dl = deny[j];
+        std::size_t& dp = deny_pos[j];
+        for (std::size_t i = i0; i < i1; ++i) {
+          const std::size_t a = std::size_t(m.offsets[i]) - p0;
+          const std::size_t n = std::size_t(m.offsets[i + 1]) - p0 - a;
+          if (n == 0) continue;
+          if (exclude_mask != nullptr && exclude_mask[i]) continue;
+          if (!dl.empty()) {
+            while (dp < dl.size() && dl[dp] < int64_t(i)) ++dp;
+            if (dp < dl.size() && dl[dp] == int64_t(i)) continue;
+          }
+          float best;
+          std::size_t best_j;
+          best_of_group(dots.data() + a, m.scales + p0 + a, n, q_scale, best, best_j);
+          if (heap.admits(best, int64_t(i))) heap.push(Scored{best, int64_t(i), int64_t(p0 + a + best_j)});
+        }
+      }
+    }
+    i0 = i1;
+  }
+  for (std::size_t j = 0; j < nq; ++j) {
+    const std::size_t qi = q_begin + j;
+    write_row(heaps[j].take_sorted(), k, out_items + qi * k, out_scores + qi * k,
+              out_persona + qi * k);
+  }
+}
+
+}  // namespace
+
+void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& queries,
+                  std::size_t k, ListMode mode, const ItemLists& lists,
+                  const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
+                  float* out_scores, int64_t* out_persona) {
+  const std::size_t nq = queries.n;
+  if (nq == 0 || k == 0) return;
+  auto run_range = [&](std::size_t a, std::size_t b) {
+    if (mode == ListMode::allow) {
+      for (std::size_t qi = a; qi < b; ++qi)
+        topk_allowed(m, dot, queries, qi, k, lists, exclude_mask, out_items, out_scores, out_persona);
+    } else {
+      topk_scan(m, dot, queries, a, b, k, mode, lists, exclude_mask, out_items, out_scores,
+                out_persona);
+    }
+  };
+  n_threads = std::max<std::size_t>(1, std::min(n_threads, nq));
+  if (n_threads == 1) {
+    run_range(0, nq);
+    return;
+  }
+  std::vector<std::thread> workers;
+  std::vector<std::exception_ptr> errors(n_threads);
+  const std::size_t per = (nq + n_threads - 1) / n_threads;
+  for (std::size_t t = 0; t < n_threads; ++t) {
+    const std::size_t a = t * per, b = std::min(nq, a + per);
+    if (a >= b) break;
+    workers.emplace_back([&, t, a, b] {
+      try {
+        run_range(a, b);
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+uint64_t stream_read(const void* data, std::size_t n_bytes) {
+  const uint64_t* p = static_cast<const uint64_t*>(data);
+  const std::size_t n = n_bytes / 8;
+  uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    a0 ^= p[i]; a1 ^= p[i + 1]; a2 ^= p[i + 2]; a3 ^= p[i + 3];
+    a4 ^= p[i + 4]; a5 ^= p[i + 5]; a6 ^= p[i + 6]; a7 ^= p[i + 7];
+  }
+  for (; i < n; ++i) a0 ^= p[i];
+  uint64_t tail = 0;
+  std::memcpy(&tail, static_cast<const char*>(data) + n * 8, n_bytes - n * 8);
+  return a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7 ^ tail;
+}
+
+}  // namespace persona4rec

