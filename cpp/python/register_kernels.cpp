@@ -87,6 +87,8 @@ uint64_t stream_read_py(const py::object& a_obj) {
 }  // namespace
 
 void register_kernels(py::module_& m) {
+  // Resolve PERSONA4REC_SIMD now, so a bad value fails the import instead of a later call.
+  (void)active_path();
   m.def("simd_info", &simd_info,
         "Which kernel path is active, why (cpu, env, set_simd), and which paths are "
         "compiled and available on this CPU.");
