@@ -1,0 +1,349 @@
+"""The four offline stages: aspects, item summaries, personas, persona selection.
+
+Each stage is two pieces: a ``*_tasks`` function that turns inputs into
+:class:`~persona4rec.llm.jobs.Task` objects (prompt + parser), and a ``parse_*``
+function that turns a model answer into the stage's record fields or raises
+:class:`~persona4rec.llm.schemas.SchemaError`. :func:`run_tasks` executes tasks with
+a :class:`~persona4rec.llm.jobs.JobRunner`.
+
+Leakage: every stage that reads reviews takes ``exclude_review_ids``; excluded
+reviews never reach a prompt, and persona records list the ``review_ids`` whose
+aspects they were built from, so a split can be audited afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+from .client import ChatClient, ClientConfig
+from .jobs import JobRunner, RunSummary, Task
+from .prompts import PromptSet
+from .schemas import (
+    SELECTION_SCHEMA,
+    SUMMARY_SCHEMA,
+    SchemaError,
+    aspects_schema,
+    extract_json,
+    personas_schema,
+    validate,
+)
+
+MIN_PERSONAS = 2
+MAX_PERSONAS = 7
+# The prompt asks for 2-3 word names; gpt-4o-mini itself writes 4-5 words in about a third of
+# the published sample, so only clearly broken names (sentences) are sent back for repair.
+MAX_NAME_WORDS = 6
+_NULL_WORDS = {"", "null", "none", "n/a", "na", "not mentioned", "unknown"}
+
+
+# ---------------------------------------------------------------- aspects
+
+def aspect_fields(prompts: PromptSet) -> list[dict[str, Any]]:
+    return prompts.config["aspects"]
+
+
+def parse_aspects(text: str, fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"aspects": {...}}`` from an answer; null-like strings ("N/A", "none") become null."""
+    value = extract_json(text)
+    validate(value, aspects_schema(fields))
+    return {"aspects": {k: (None if isinstance(v, str) and v.strip().lower() in _NULL_WORDS else v)
+                        for k, v in value.items()}}
+
+
+def _aspect_prompt_values(fields: list[dict[str, Any]]) -> dict[str, str]:
+    field_list = "\n".join(f"- {f['name']}: {f['description']}" for f in fields)
+    shape: dict[str, str] = {}
+    for f in fields:
+        shape[f["name"]] = "<short phrase or null>"
+        if f.get("reason", True):
+            shape[f"{f['name']}_reason"] = "<one sentence citing the review, or why it cannot be told>"
+    return {
+        "field_list": field_list,
+        "reason_rule": "Every *_reason field is one short sentence that points to the words of the review "
+                       "behind the value (or says the review gives no evidence).",
+        "json_shape": json.dumps(shape, indent=1),
+    }
+
+
+def aspect_tasks(reviews: Iterable[dict[str, Any]], prompts: PromptSet,
+                 items: dict[str, dict[str, Any]] | None = None,
+                 exclude_review_ids: Collection[str] = ()) -> list[Task]:
+    """One task per review not excluded; reviews with no title and no text are skipped (nothing to read)."""
+    fields = aspect_fields(prompts)
+    schema = aspects_schema(fields)
+    fixed = _aspect_prompt_values(fields)
+    excluded = set(exclude_review_ids)
+    tasks = []
+    for r in reviews:
+        if r["review_id"] in excluded or not (r["text"].strip() or r["title"].strip()):
+            continue
+        item = (items or {}).get(r["item_id"], {})
+        messages = prompts.render("aspects", item_title=item.get("title") or r["item_id"], rating=f"{r['rating']:g}",
+                                  review_title=r["title"], review_text=r["text"], **fixed)
+        meta = {k: r[k] for k in ("review_id", "item_id", "user_id", "rating", "timestamp")}
+        tasks.append(Task(r["review_id"], messages, schema, lambda text, f=fields: parse_aspects(text, f), meta))
+    return tasks
+
+
+# ---------------------------------------------------------------- summaries
+
+def parse_summary(text: str) -> dict[str, Any]:
+    """``{"summary": str}`` from a JSON answer, or from plain prose when the model ignored the JSON request."""
+    stripped = text.strip()
+    if stripped.startswith(("{", "[", "```")):
+        value = extract_json(stripped)
+        validate(value, SUMMARY_SCHEMA)
+        return {"summary": value["summary"].strip()}
+    if not stripped:
+        raise SchemaError("the answer is empty; write the 2-3 sentence summary")
+    return {"summary": stripped}
+
+
+def _format_attributes(attributes: Any) -> str:
+    if isinstance(attributes, dict):
+        return "; ".join(f"{k}: {v}" for k, v in attributes.items() if v not in (None, "", [], {}))
+    return str(attributes or "")
+
+
+def summary_tasks(items: Iterable[dict[str, Any]], prompts: PromptSet) -> list[Task]:
+    """One task per item, from its title, categories, description and attributes."""
+    tasks = []
+    for item in items:
+        categories = item.get("categories") or ""
+        if isinstance(categories, list):
+            categories = ", ".join(map(str, categories))
+        messages = prompts.render("summary", item_title=item.get("title") or item["item_id"],
+                                  categories=categories, description=item.get("description") or "",
+                                  attributes=_format_attributes(item.get("attributes")))
+        tasks.append(Task(item["item_id"], messages, SUMMARY_SCHEMA, parse_summary,
+                          {"item_id": item["item_id"], "item_title": item.get("title") or ""}))
+    return tasks
+
+
+# ---------------------------------------------------------------- personas
+
+def persona_count_range(n_reviews: int) -> tuple[int, int]:
+    """How many personas an item with ``n_reviews`` reviews gets: exactly 1 for one review, else 2 to 7."""
+    return (1, 1) if n_reviews <= 1 else (MIN_PERSONAS, MAX_PERSONAS)
+
+
+def _name_key(name: str) -> str:
+    words = re.sub(r"[^a-z0-9 ]", " ", name.lower()).split()
+    return " ".join(w for w in words if w not in {"the", "a", "an"})
+
+
+def parse_personas(text: str, item_id: str, n_reviews: int) -> dict[str, Any]:
+    """``{"personas": [...]}`` with ids ``P1..Pn`` and ``persona_id = f"{item_id}_P{n}"`` by position.
+
+    Accepts ``{"personas": [...]}`` or a bare list. Rejects (for repair) a wrong count, missing
+    fields, sentence-long names and duplicate names.
+    """
+    value = extract_json(text)
+    if isinstance(value, list):
+        value = {"personas": value}
+    low, high = persona_count_range(n_reviews)
+    validate(value, personas_schema(low, high))
+    seen: dict[str, str] = {}
+    personas = []
+    for n, p in enumerate(value["personas"], 1):
+        name = " ".join(p["Name"].split())
+        if len(name.split()) > MAX_NAME_WORDS:
+            raise SchemaError(f"$.personas[{n - 1}].Name: {name!r} is too long; use 2 to 3 words")
+        key = _name_key(name)
+        if key in seen:
+            raise SchemaError(f"$.personas[{n - 1}]: duplicate of persona {seen[key]!r}; merge them or make each "
+                              "persona distinct")
+        seen[key] = name
+        personas.append({"persona_id": f"{item_id}_P{n}", "ID": f"P{n}", "Name": name,
+                         "Description": p["Description"].strip(),
+                         "Preference_Rationale": p["Preference_Rationale"].strip()})
+    return {"personas": personas}
+
+
+def _evidence_line(index: int, record: dict[str, Any], fields: list[dict[str, Any]]) -> str:
+    aspects = record.get("aspects") or {}
+    parts = []
+    for f in fields:
+        value = aspects.get(f["name"])
+        if value is None:
+            continue
+        reason = aspects.get(f"{f['name']}_reason")
+        parts.append(f"{f['name']}: {value}" + (f" ({reason})" if reason else ""))
+    body = "; ".join(parts) or "no specific aspects stated"
+    return f"- review {index} (rating {record.get('rating', 0):g}/5): {body}"
+
+
+def group_aspects_by_item(aspect_records: Iterable[dict[str, Any]],
+                          exclude_review_ids: Collection[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Successful aspect records by item id, minus excluded reviews, oldest first."""
+    excluded = set(exclude_review_ids)
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rec in aspect_records:
+        if rec.get("status") == "ok" and rec["review_id"] not in excluded:
+            grouped[rec["item_id"]].append(rec)
+    for recs in grouped.values():
+        recs.sort(key=lambda r: (str(r.get("timestamp", "")), r["review_id"]))
+    return dict(grouped)
+
+
+def persona_tasks(aspect_records: Iterable[dict[str, Any]], prompts: PromptSet,
+                  summaries: dict[str, str] | None = None, items: dict[str, dict[str, Any]] | None = None,
+                  exclude_review_ids: Collection[str] = (), max_reviews_per_item: int = 40) -> list[Task]:
+    """One task per item with at least one usable review; evidence is its most recent ``max_reviews_per_item``."""
+    fields = aspect_fields(prompts)
+    tasks = []
+    for item_id, recs in sorted(group_aspects_by_item(aspect_records, exclude_review_ids).items()):
+        recs = recs[-max_reviews_per_item:]
+        low, high = persona_count_range(len(recs))
+        rule = "exactly 1" if high == 1 else f"between {low} and {min(high, len(recs) + 1)}"
+        item = (items or {}).get(item_id, {})
+        evidence = "\n".join(_evidence_line(i, r, fields) for i, r in enumerate(recs, 1))
+        messages = prompts.render("personas", item_title=item.get("title") or item_id,
+                                  item_summary=(summaries or {}).get(item_id) or item.get("title") or "",
+                                  evidence=evidence, persona_count_rule=rule)
+        tasks.append(Task(item_id, messages, personas_schema(low, high),
+                          lambda text, i=item_id, n=len(recs): parse_personas(text, i, n),
+                          {"item_id": item_id, "review_ids": [r["review_id"] for r in recs]}))
+    return tasks
+
+
+# ---------------------------------------------------------------- selection
+
+_SELECTION_MARK = re.compile(r"[*_#\s]*\b(?:final\s+)?(?:selection|selected persona|choice|answer)\b[*_\s]*[:\-]",
+                             re.IGNORECASE)
+_JSON_CHOICE_KEYS = ("selection", "selected_persona_id", "persona_id", "selected_persona", "choice", "persona")
+
+
+def _resolve_choice(choice: str, persona_ids: list[str]) -> int:
+    """1-based index of the persona named by ``choice`` ("P2", "2. X_P2", "X_P2", "2")."""
+    full = {pid: n for n, pid in enumerate(persona_ids, 1)}
+    found = [full[pid] for pid in persona_ids if re.search(re.escape(pid) + r"(?![0-9])", choice)]
+    if not found:
+        found = [int(m) for m in re.findall(r"(?<![A-Za-z0-9])P(\d+)\b", choice)]
+    if not found:
+        number = re.match(r"\s*[#(\[]?(\d+)\b", choice)
+        found = [int(number.group(1))] if number else []
+    if not found:
+        raise SchemaError(f"the selection {choice.strip()[:60]!r} names no persona; answer with one of {persona_ids}")
+    index = found[0]
+    if not 1 <= index <= len(persona_ids):
+        raise SchemaError(f"the selection names persona {index}, but only {persona_ids} exist")
+    return index
+
+
+def parse_selection(text: str, persona_ids: list[str]) -> dict[str, Any]:
+    """The chosen persona and the reasoning, from JSON or from prose ending in "Selection: ...".
+
+    Handles the forms gpt-4o-mini produced for the paper ("Selection: 3. X_P3",
+    "**Selection:** 2. X_P2") as well as ``{"reasoning": ..., "selection": "X_P2"}``.
+    When the prose carries both a number and a persona id, the id wins.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise SchemaError("the answer is empty; give the reasoning and the selected persona id")
+    value = None
+    if stripped.startswith(("{", "```")):
+        value = extract_json(stripped)
+    if isinstance(value, dict):
+        choice_key = next((k for k in _JSON_CHOICE_KEYS if k in value), None)
+        if choice_key is None:
+            raise SchemaError(f"missing field 'selection' (one of {persona_ids})")
+        choice = value[choice_key]
+        if isinstance(choice, dict):
+            choice = choice.get("persona_id") or choice.get("ID") or json.dumps(choice)
+        reasoning = str(value.get("reasoning") or value.get("reason") or "").strip()
+        index = _resolve_choice(str(choice), persona_ids)
+    else:
+        marks = list(_SELECTION_MARK.finditer(stripped))
+        if not marks:
+            raise SchemaError('no "Selection:" found; end with "Selection: <persona id>" or answer in JSON')
+        last = marks[-1]
+        index = _resolve_choice(stripped[last.end():].split("\n", 1)[0], persona_ids)
+        reasoning = stripped[: last.start()].strip()
+    reasoning = re.sub(r"^(?:[*_#\s]*(?:reasoning|explanation)?[*_\s]*[:\-]?)", "", reasoning, flags=re.I).strip()
+    reasoning = reasoning.strip("* \n")
+    if not reasoning:
+        raise SchemaError("the reasoning is empty; give 2-3 sentences of reasoning before the selection")
+    return {"selected_persona_id": persona_ids[index - 1], "selected_index": index, "reasoning": reasoning}
+
+
+def selection_requests(reviews: Iterable[dict[str, Any]], exclude_review_ids: Collection[str] = (),
+                       history_size: int = 10, targets_per_user: int = 1) -> list[dict[str, Any]]:
+    """Judge requests from training reviews: per user, the last ``targets_per_user`` interactions as targets,
+    each with the ``history_size`` interactions before it (oldest first)."""
+    excluded = set(exclude_review_ids)
+    by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in reviews:
+        if r["review_id"] not in excluded:
+            by_user[r["user_id"]].append(r)
+    requests = []
+    for user_id, rs in sorted(by_user.items()):
+        rs.sort(key=lambda r: (r["timestamp"], r["review_id"]))
+        for t in range(max(1, len(rs) - targets_per_user), len(rs)):
+            history = rs[max(0, t - history_size): t]
+            requests.append({"user_id": user_id, "target_item_id": rs[t]["item_id"],
+                             "target_review_id": rs[t]["review_id"],
+                             "history": [{"item_id": h["item_id"], "rating": h["rating"]} for h in history]})
+    return requests
+
+
+def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterable[dict[str, Any]],
+                    prompts: PromptSet, summaries: dict[str, str] | None = None,
+                    items: dict[str, dict[str, Any]] | None = None, like_threshold: float = 4.0) -> list[Task]:
+    """One task per request whose target has personas; history ratings >= ``like_threshold`` count as liked."""
+    personas_by_item = {r["item_id"]: r["personas"] for r in persona_records if r.get("status") == "ok"}
+    summaries = summaries or {}
+    items = items or {}
+
+    def describe(item_id: str, rating: float) -> str:
+        title = items.get(item_id, {}).get("title") or item_id
+        summary = summaries.get(item_id, "")
+        return f"- {title} ({rating:g}/5)" + (f": {summary}" if summary else "")
+
+    tasks = []
+    for req in requests:
+        personas = personas_by_item.get(req["target_item_id"])
+        if not personas:
+            continue
+        liked = [describe(h["item_id"], h["rating"]) for h in req["history"] if h["rating"] >= like_threshold]
+        disliked = [describe(h["item_id"], h["rating"]) for h in req["history"] if h["rating"] < like_threshold]
+        ids = [p["persona_id"] for p in personas]
+        persona_list = "\n".join(f"{p['persona_id']}: {p['Name']}. {p['Description']} {p['Preference_Rationale']}"
+                                 for p in personas)
+        target = req["target_item_id"]
+        messages = prompts.render("selection", liked="\n".join(liked) or "(none)",
+                                  disliked="\n".join(disliked) or "(none)",
+                                  target_title=items.get(target, {}).get("title") or target,
+                                  target_summary=summaries.get(target, ""), persona_list=persona_list,
+                                  example_id=ids[0])
+        key = f"{req['user_id']}|{target}"
+        meta = {"user_id": req["user_id"], "target_item_id": target,
+                "history_item_ids": [h["item_id"] for h in req["history"]]}
+        tasks.append(Task(key, messages, SELECTION_SCHEMA, lambda text, ids=ids: parse_selection(text, ids), meta))
+    return tasks
+
+
+# ---------------------------------------------------------------- running
+
+def ok_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def summaries_from_records(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """item id -> summary, from the summary stage's output records."""
+    return {r["item_id"]: r["summary"] for r in ok_records(records)}
+
+
+async def run_tasks(tasks: list[Task], config: ClientConfig, output: str | Path, stage: str, prompts: PromptSet,
+                    cache_path: str | Path | None = None, progress: bool = False,
+                    retry_failed: bool = False) -> RunSummary:
+    """Run ``tasks`` against the endpoint of ``config``, appending records to ``output``."""
+    async with ChatClient(config) as client:
+        runner = JobRunner(client, stage, prompts.tag, prompts.fingerprint,
+                           Path(cache_path) if cache_path else None, progress)
+        return await runner.run(tasks, Path(output), retry_failed=retry_failed)
