@@ -173,3 +173,19 @@ def test_selection_agreement_counts():
     assert out["n_both"] == 2 and out["n_agree"] == 1 and out["agreement"] == 0.5
     assert out["chance_agreement"] == pytest.approx((0.5 + 0.25) / 2)
     assert np.isnan(selection_agreement({}, {})["agreement"])
+
+
+def test_exclude_leaves_a_persona_out_of_labels_and_hard_negatives():
+    bank = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [1.0, 1.0]])
+    ptr = np.array([0, 3, 4])
+    reviews = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    idx, _ = review_grounded_selection(reviews, [0, 0, 1], bank, ptr)
+    np.testing.assert_array_equal(idx, [0, 0, 3])
+    idx, margin = review_grounded_selection(reviews, [0, 0, 1], bank, ptr, exclude=[0, -1, 3])
+    np.testing.assert_array_equal(idx, [1, 0, -1])  # own review left out; item 1 has nothing left
+    assert margin[0] == pytest.approx(0.8 - 0.0)
+    pairs = TrainingPairs.from_persona_bank(reviews[:1], bank, ptr, [0], [1], exclude=[0])
+    np.testing.assert_array_equal(pairs.hard_valid, [[True, False]])
+    np.testing.assert_array_equal(pairs.hard_negatives[0, 0], bank[2])
+    with pytest.raises(ValueError, match="excluded"):
+        TrainingPairs.from_persona_bank(reviews[:1], bank, ptr, [0], [1], exclude=[1])

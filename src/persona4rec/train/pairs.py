@@ -156,6 +156,7 @@ class TrainingPairs:
         user_ids: Any = None,
         *,
         max_hard_negatives: int | None = None,
+        exclude: Any = None,
     ) -> "TrainingPairs":
         """Pairs whose positives (and hard negatives) index a persona bank grouped by item.
 
@@ -163,7 +164,9 @@ class TrainingPairs:
         item_ptr[i]:item_ptr[i+1]. pair_items: (n,) item index of each pair.
         positive_persona: (n,) row of the positive persona in the bank (must lie inside its
         item's range). Hard negatives are the item's other personas (up to
-        ``max_hard_negatives``, the first ones in bank order).
+        ``max_hard_negatives``, the first ones in bank order), except ``exclude[i]`` (an
+        optional (n,) bank row to leave out per pair, -1 for none: e.g. a persona that is
+        the user's own review of the item).
         """
         users = _as_vectors(users, "users")
         n, d = users.shape
@@ -177,13 +180,16 @@ class TrainingPairs:
         if np.any(pos < lo) or np.any(pos >= hi):
             bad = int(np.flatnonzero((pos < lo) | (pos >= hi))[0])
             raise ValueError(f"pair {bad}: positive persona {pos[bad]} is not a persona of item {items[bad]}")
+        skip = np.full(n, -1, np.int64) if exclude is None else _as_ids(exclude, n, "exclude")
+        if np.any(skip == pos):
+            raise ValueError("a pair's positive persona is also its excluded persona")
         counts = hi - lo
         h = int(max(counts.max() - 1, 0))
         if max_hard_negatives is not None:
             h = min(h, int(max_hard_negatives))
         hard_idx = np.full((n, h), -1, np.int64)
         for i in range(n):  # n is the number of pairs: small; a vectorised version is not worth it
-            others = [j for j in range(lo[i], hi[i]) if j != pos[i]][:h]
+            others = [j for j in range(lo[i], hi[i]) if j != pos[i] and j != skip[i]][:h]
             hard_idx[i, : len(others)] = others
         valid = hard_idx >= 0
         hard = bank[np.where(valid, hard_idx, 0)]
@@ -339,6 +345,7 @@ def review_grounded_selection(
     review_items: Any,
     persona_vectors: Any,
     item_ptr: Any,
+    exclude: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each review, the persona of its item nearest (cosine) to the review embedding.
 
@@ -347,6 +354,8 @@ def review_grounded_selection(
     review into ``item_ptr`` (CSR offsets over ``persona_vectors`` (P, d)). Returns (n,)
     persona rows (-1 when the item has no persona) and the margin between the best and the
     second-best cosine (inf with a single persona), a confidence one can threshold.
+    exclude: optional (n,) bank row to ignore per review (-1: none), e.g. the review's own
+    vector when every training review of an item is one of its personas.
     """
     rv = _as_vectors(review_vectors, "review_vectors")
     n, d = rv.shape
@@ -357,11 +366,12 @@ def review_grounded_selection(
         raise ValueError("review_items out of range of item_ptr")
     rv = rv / np.maximum(np.linalg.norm(rv, axis=1, keepdims=True), 1e-12)
     bn = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    skip = np.full(n, -1, np.int64) if exclude is None else _as_ids(exclude, n, "exclude")
     lo, hi = ptr[items], ptr[items + 1]
     width = int((hi - lo).max()) if n else 0
     scores = np.full((n, max(width, 1)), -np.inf, np.float32)
-    for k in range(width):  # width = most personas per item (small): vectorised over reviews
-        has = lo + k < hi
+    for k in range(width):  # width = most personas per item: vectorised over reviews
+        has = (lo + k < hi) & (lo + k != skip)
         rows = np.flatnonzero(has)
         scores[rows, k] = np.einsum("ij,ij->i", rv[rows], bn[lo[rows] + k])
     out_idx = np.empty(n, np.int64)
