@@ -14,6 +14,7 @@ import sys
 # name -> module that defines register(subparsers). Append a line to add a command.
 _COMMAND_MODULES = [
     "persona4rec.demo",
+    "persona4rec.export",
 ]
 
 
