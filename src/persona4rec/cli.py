@@ -15,6 +15,7 @@ import sys
 _COMMAND_MODULES = [
     "persona4rec.demo",
     "persona4rec.export",
+    "persona4rec.llm.cli",
 ]
 
 
