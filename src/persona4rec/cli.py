@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "persona4rec.demo",
     "persona4rec.export",
     "persona4rec.llm.cli",
+    "persona4rec.train.cli",
 ]
 
 
