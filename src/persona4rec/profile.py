@@ -18,6 +18,7 @@ returning user costs lookups and a weighted sum; only new interactions are encod
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import math
@@ -93,6 +94,23 @@ def _optional_number(record: Mapping[str, Any], field: str) -> float | None:
     return value
 
 
+def _optional_timestamp(record: Mapping[str, Any], field: str) -> float | None:
+    """A number (any epoch unit: only the order matters), or an ISO 8601 date string
+    such as Yelp's ``2017-10-09 04:08:23`` (read as UTC when it has no zone)."""
+    value = record.get(field)
+    if isinstance(value, str):
+        try:
+            parsed = _dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"field {field!r} = {value!r} is neither a number nor an ISO 8601 date (YYYY-MM-DD[ HH:MM:SS])"
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+        return parsed.timestamp()
+    return _optional_number(record, field)
+
+
 def _clean(value: Any) -> str:
     if value is None:
         return ""
@@ -153,7 +171,7 @@ class AspectSummaryTemplate:
         return Interaction(
             self.render(record),
             _optional_number(record, self.rating_field),
-            _optional_number(record, self.timestamp_field),
+            _optional_timestamp(record, self.timestamp_field),
             None if item is None else str(item),
         )
 
@@ -180,7 +198,7 @@ class ReviewTextTemplate:
         return Interaction(
             self.render(record),
             _optional_number(record, self.rating_field),
-            _optional_number(record, self.timestamp_field),
+            _optional_timestamp(record, self.timestamp_field),
             None if item is None else str(item),
         )
 
