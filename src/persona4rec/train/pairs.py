@@ -23,25 +23,6 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-_JIT_CACHE: dict[str, Any] = {}
-
-
-def _jitted(fn):
-    """fn compiled with numba when it is installed (the [eval] extra), else fn itself.
-
-    Compiled lazily on first use so importing this module stays cheap.
-    """
-    name = fn.__name__
-    if name not in _JIT_CACHE:
-        try:
-            from numba import njit
-        except ImportError:  # pragma: no cover - exercised only without numba
-            _JIT_CACHE[name] = fn
-        else:
-            _JIT_CACHE[name] = njit(cache=False, nogil=True)(fn)
-    return _JIT_CACHE[name]
-
-
 def _as_vectors(x: Any, what: str, dim: int | None = None) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 2:
@@ -327,19 +308,6 @@ def personas_by_item_from_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, d
 # (b) review-grounded selection
 
 
-def _segment_argmax_py(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, out_idx: np.ndarray, out_margin: np.ndarray) -> None:
-    for i in range(lo.shape[0]):
-        best, second, arg = -np.inf, -np.inf, -1
-        for j in range(lo[i], hi[i]):
-            s = scores[i, j - lo[i]]
-            if s > best:
-                second, best, arg = best, s, j
-            elif s > second:
-                second = s
-        out_idx[i] = arg
-        out_margin[i] = best - second if second > -np.inf else np.inf
-
-
 def review_grounded_selection(
     review_vectors: Any,
     review_items: Any,
@@ -374,9 +342,17 @@ def review_grounded_selection(
         has = (lo + k < hi) & (lo + k != skip)
         rows = np.flatnonzero(has)
         scores[rows, k] = np.einsum("ij,ij->i", rv[rows], bn[lo[rows] + k])
-    out_idx = np.empty(n, np.int64)
-    out_margin = np.empty(n, np.float64)
-    _jitted(_segment_argmax_py)(scores.astype(np.float64), lo, hi, out_idx, out_margin)
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    best = np.argmax(scores, axis=1)
+    top = scores[np.arange(n), best].astype(np.float64)
+    if scores.shape[1] > 1:
+        second = np.partition(scores, -2, axis=1)[:, -2].astype(np.float64)
+    else:
+        second = np.full(n, -np.inf)
+    out_idx = np.where(np.isfinite(top), lo + best, -1).astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        out_margin = np.where(np.isfinite(second), top - second, np.inf)
     return out_idx, out_margin
 
 
