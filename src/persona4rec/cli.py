@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "persona4rec.export",
     "persona4rec.llm.cli",
     "persona4rec.train.cli",
+    "persona4rec.evaluation.command",
 ]
 
 

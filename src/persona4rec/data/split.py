@@ -64,7 +64,9 @@ class LeaveOneOutSplit:
     """Row indices into the split table.
 
     ``valid[i]`` and ``test[i]`` belong to the same user (users in sorted id order);
-    ``train`` holds every other row, in table order.
+    ``train`` holds every other row, in table order. ``chronological`` lists every row
+    grouped by user and ordered in time with the split's tie-break, the order in which
+    user histories should be read.
     """
 
     train: np.ndarray
@@ -72,6 +74,7 @@ class LeaveOneOutSplit:
     test: np.ndarray
     tie_break: str
     seed: int
+    chronological: np.ndarray
 
     def describe(self) -> str:
         return f"leave-one-out by time, tie-break={self.tie_break}" + (
@@ -107,4 +110,4 @@ def leave_one_out_split(table: ReviewTable, tie_break: str = "random", seed: int
     held_out[valid] = True
     train = np.flatnonzero(~held_out)
     return LeaveOneOutSplit(train=train, valid=valid, test=test,
-                            tie_break=tie_break, seed=seed)
+                            tie_break=tie_break, seed=seed, chronological=order)

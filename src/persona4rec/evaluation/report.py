@@ -1,0 +1,149 @@
+"""Report writer: ``results.json``, ``results.md`` and PNG plots in one folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+SUMMARY_METRICS = ("HR@10", "MRR@10", "NDCG@5", "NDCG@10", "NDCG@20")
+
+
+def _fmt_ci(entry: dict[str, Any]) -> str:
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _latency_for(report: dict[str, Any], method: str, setting: str) -> str:
+    per_user = report.get("latency", {}).get("per_user", {})
+    for key in (f"{method} {setting}", method):
+        if key in per_user and (setting == "full" or key != method):
+            return f"{per_user[key]['median_us']:.0f} / {per_user[key]['p95_us']:.0f}"
+    return ""
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The main results table (test set, 95% bootstrap CIs) as Markdown."""
+    lines = ["| method | setting | " + " | ".join(SUMMARY_METRICS) + " | valid NDCG@10 | latency µs (median / p95) |",
+             "|---|---|" + "---|" * len(SUMMARY_METRICS) + "---|---|"]
+    for m in report["methods"]:
+        cells = [_fmt_ci(m["test"][k]) if k in SUMMARY_METRICS[3:4] else f"{m['test'][k]['mean']:.4f}"
+                 for k in SUMMARY_METRICS]
+        name = m["method"] + (f" (alpha={m['params']['alpha']:.2f})" if "alpha" in m["params"] else "")
+        lines.append(f"| {name} | {m['setting']} | " + " | ".join(cells) +
+                     f" | {m['valid']['NDCG@10']:.4f} | {_latency_for(report, m['method'], m['setting'])} |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    d = report["dataset"]
+    out = [f"# Evaluation: {report['config']['dataset']}", "",
+           f"{d['reviews']} reviews, {d['users']} users, {d['items']} items; {report['protocol']['split']}; "
+           f"{d['users_with_last_two_on_the_same_timestamp']} users have their last two reviews on the same "
+           "timestamp. Test set; every choice was made on validation NDCG@10. NDCG@10 shows the 95% bootstrap "
+           "CI over users.", "",
+           f"Encoder: {json.dumps(report.get('encoder'))}", "",
+           markdown_table(report), "",
+           "## Rerank ceiling (first stage hit rate within its top-N)", "",
+           "| N | valid | test |", "|---|---|---|"]
+    for n, v in report["rerank_ceiling_hr"].items():
+        out.append(f"| {n} | {v['valid']:.4f} | {v['test']:.4f} |")
+    out += ["", "## Paired bootstrap p-values (test NDCG@10)", "", "| A | B | mean A | mean B | p |",
+            "|---|---|---|---|---|"]
+    for p in report["p_values"]:
+        out.append(f"| {p['a']} | {p['b']} | {p['mean_a']:.4f} | {p['mean_b']:.4f} | {p['p_value']:.4f} |")
+    out += ["", "## Scenarios (test NDCG@10)", ""]
+    groups = list(report["scenarios"])
+    out.append("| method | " + " | ".join(f"{g} (n={report['scenarios'][g]['users']})" for g in groups) + " |")
+    out.append("|---|" + "---|" * len(groups))
+    for key in report["scenarios"][groups[0]]["ndcg@10"]:
+        out.append(f"| {key} | " + " | ".join(f"{report['scenarios'][g]['ndcg@10'][key]:.4f}" for g in groups) + " |")
+    out += ["", "## Choices made on validation", "", "```json", json.dumps(report["choices"], indent=1), "```", "",
+            f"Latency: {report['latency']['note']}.", "", "## Example users (fused rerank, matched persona)", ""]
+    for ex in report["examples"]:
+        out.append(f"**{ex['user_id']}** recently: " + "; ".join(h["title"][:60] for h in ex["recent_history"]) +
+                   f". Held out: {ex['held_out']['title'][:60]}")
+        out.append("")
+        for r in ex["recommendations"]:
+            mark = " **(held-out item)**" if r["is_held_out_item"] else ""
+            out.append(f"{r['rank']}. {r['title'][:70]}{mark} — persona: \"{r['persona']}\"")
+        out.append("")
+    out += ["## Timings (s)", "", "```json", json.dumps(report["timings_s"], indent=1), "```", ""]
+    return "\n".join(out)
+
+
+def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
+    """NDCG@10 with CIs per method/setting, and median/p95 latency per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    methods = report["methods"]
+    labels = [f"{m['method']} [{m['setting']}]" for m in methods]
+    means = [m["test"]["NDCG@10"]["mean"] for m in methods]
+    lows = [m["test"]["NDCG@10"]["mean"] - m["test"]["NDCG@10"]["ci95"][0] for m in methods]
+    highs = [m["test"]["NDCG@10"]["ci95"][1] - m["test"]["NDCG@10"]["mean"] for m in methods]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), means, xerr=[lows, highs], color="#4c72b0", capsize=3)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test NDCG@10 (95% bootstrap CI)")
+    ax.set_title(f"{report['config']['dataset']} ({report['protocol']['split']})", fontsize=9)
+    fig.tight_layout()
+    paths.append(folder / "ndcg10.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    latency = report["latency"]["per_user"]
+    names = list(latency)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    ax.barh(range(len(names)), [latency[n]["p95_us"] for n in names], color="#dd8452", label="p95")
+    ax.barh(range(len(names)), [latency[n]["median_us"] for n in names], color="#4c72b0", label="median")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("online latency per user (µs, single thread, log scale)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "latency.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(report: dict[str, Any], folder: str | os.PathLike[str], plots: bool = True) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and (``plots=True``) the PNGs; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
+    text = json.dumps(report, indent=1, default=_json_default, allow_nan=False) if _finite(report) else \
+        json.dumps(report, indent=1, default=_json_default)
+    paths["json"].write_text(text + "\n", encoding="utf-8")
+    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    if plots:
+        for p in write_plots(report, folder):
+            paths[p.stem] = p
+    return paths
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True

@@ -1,0 +1,613 @@
+"""The end-to-end evaluation: load, split, personas, encode, index, baselines, metrics.
+
+Protocol (leave-one-out by time, see :mod:`persona4rec.data.split`):
+
+* Validation: history = train reviews, target = the validation item. Every choice
+  (CF hyper-parameters, BPR epochs, the first stage, the fusion weight alpha) is made
+  here, on NDCG@10.
+* Test: history = train + validation reviews, target = the test item. Reported once.
+* Item side (personas, item vectors, popularity, CF item models) is built from train
+  reviews only; test review texts are never encoded at all.
+* Full ranking ranks every item except the user's history; reranking reorders the
+  first stage's top-N (the paper's setting), whose hit rate is the rerank ceiling.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from persona4rec.data import (
+    ItemTable,
+    LeaveOneOutSplit,
+    ReviewTable,
+    dedupe_keep_latest,
+    k_core,
+    leave_one_out_split,
+    load_dataset,
+)
+from persona4rec.evaluation import baselines as bl
+from persona4rec.evaluation.candidates import candidate_lists, ceiling, exclude_history, fuse, fused_rerank, rerank
+from persona4rec.evaluation.metrics import DEFAULT_CUTOFFS, ranks_from_lists, ranks_from_scores
+from persona4rec.evaluation.metrics import ndcg as ndcg_at
+from persona4rec.evaluation.metrics import per_user_metrics
+from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
+from persona4rec.personas import PersonaSet, extract_personas, mean_item_vectors
+
+Encode = Callable[[list[str]], np.ndarray]
+Progress = Callable[[str], Any]
+
+# Validation grids (small on purpose: the whole job must run in minutes on two cores).
+ITEMKNN_GRID = [{"shrink": s, "neighbors": n} for s in (0.0, 10.0, 50.0) for n in (50, 100, None)]
+EASE_GRID = [{"l2": v} for v in (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0)]
+BPR_GRID = [{"factors": 64, "reg": r, "lr": 0.1} for r in (0.01, 0.03, 0.1)] + [{"factors": 128, "reg": 0.03, "lr": 0.1}]
+BPR_MAX_EPOCHS = 300
+BPR_EVAL_EVERY = 25
+ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
+TEXT_TEMPLATE = "{item_title}. {review_title}. {review_text}"
+
+
+@dataclass
+class EvaluationConfig:
+    """Everything that defines a run; saved verbatim in the report."""
+
+    dataset: str = "amazon-mi-5core"
+    data_dir: str | None = None
+    tie_break: str = "random"
+    seed: int = 0
+    k_core: int = 5
+    max_personas: int = 5
+    reviews_per_persona: int = 2
+    profile_gamma: float = 0.65
+    profile_k: int = 10
+    candidate_sizes: tuple[int, ...] = (20, 50, 100)
+    cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS
+    n_bootstrap: int = 2000
+    latency_users: int = 300
+    show_users: int = 3
+    persona_file: str | None = None
+    text_template: str = TEXT_TEMPLATE
+
+
+@dataclass
+class Prepared:
+    """The cleaned, split and indexed dataset (dense user/item positions inside)."""
+
+    reviews: ReviewTable
+    items: ItemTable | None
+    split: LeaveOneOutSplit
+    user_ids: list[str]
+    item_ids: list[str]
+    review_user: np.ndarray
+    review_item: np.ndarray
+    eval_users: np.ndarray
+    valid_targets: np.ndarray
+    test_targets: np.ndarray
+    train_matrix: sp.csr_matrix
+    test_history: sp.csr_matrix
+
+    def item_title(self, item: int) -> str:
+        item_id = self.item_ids[item]
+        return html.unescape(self.items.title_of(item_id, item_id)) if self.items is not None else item_id
+
+
+def prepare(reviews: ReviewTable, items: ItemTable | None, config: EvaluationConfig) -> Prepared:
+    """Dedupe, k-core, split and map ids to dense positions."""
+    table = k_core(dedupe_keep_latest(reviews), config.k_core)
+    split = leave_one_out_split(table, config.tie_break, config.seed)
+    user_ids = sorted(set(table.user.tolist()))
+    item_ids = sorted(set(table.item.tolist()))
+    user_pos = {u: i for i, u in enumerate(user_ids)}
+    item_pos = {x: i for i, x in enumerate(item_ids)}
+    review_user = np.fromiter((user_pos[u] for u in table.user), dtype=np.int64, count=len(table))
+    review_item = np.fromiter((item_pos[x] for x in table.item), dtype=np.int64, count=len(table))
+    n_users, n_items = len(user_ids), len(item_ids)
+    train_matrix = bl.interaction_matrix(review_user[split.train], review_item[split.train], n_users, n_items)
+    known = np.concatenate([split.train, split.valid])
+    test_history = bl.interaction_matrix(review_user[known], review_item[known], n_users, n_items)
+    return Prepared(table, items, split, user_ids, item_ids, review_user, review_item,
+                    eval_users=review_user[split.test], valid_targets=review_item[split.valid],
+                    test_targets=review_item[split.test], train_matrix=train_matrix, test_history=test_history)
+
+
+def review_texts(data: Prepared, rows: np.ndarray, template: str = TEXT_TEMPLATE) -> list[str]:
+    """The text embedded for each review row: item title, review title and text."""
+    return [template.format(item_title=data.item_title(int(data.review_item[r])),
+                            review_title=str(data.reviews.title[r]).strip(),
+                            review_text=str(data.reviews.text[r]).strip()) for r in rows]
+
+
+@dataclass
+class MethodResult:
+    """One method in one setting: per-user ranks on validation and test, plus what was chosen."""
+
+    name: str
+    setting: str
+    valid_ranks: np.ndarray
+    test_ranks: np.ndarray
+    params: dict[str, Any] = field(default_factory=dict)
+    latency_us: dict[str, float] = field(default_factory=dict)
+
+
+class Evaluation:
+    """Runs the pipeline; each step is a method so tests can drive parts of it."""
+
+    def __init__(self, config: EvaluationConfig, encode: Encode | None = None,
+                 progress: Progress | None = None, embedding_cache: str | None = None,
+                 encoder_identity: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self._encode = encode
+        self.encoder_identity = encoder_identity
+        self.progress = progress or (lambda message: None)
+        self.embedding_cache = embedding_cache
+        self.timings: dict[str, float] = {}
+        self.results: list[MethodResult] = []
+        self.choices: dict[str, Any] = {}
+        self._t0 = time.perf_counter()
+
+    # ---------------------------------------------------------------- helpers
+    def _step(self, name: str, started: float) -> None:
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        self.progress(f"[{time.perf_counter() - self._t0:6.1f}s] {name} done in {self.timings[name]:.1f}s")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if self._encode is None:
+            raise RuntimeError("no encoder was given")
+        if self.embedding_cache is None:
+            return np.asarray(self._encode(texts), dtype=np.float32)
+        from persona4rec.evaluation.embedding_store import EmbeddingStore
+
+        identity = json.dumps(self.encoder_identity or {"encode": repr(self._encode)}, sort_keys=True)
+        return EmbeddingStore(self.embedding_cache, identity).encode(texts, self._encode, progress=self.progress)
+
+    # ------------------------------------------------------------------- data
+    def load(self, reviews: ReviewTable | None = None, items: ItemTable | None = None) -> Prepared:
+        started = time.perf_counter()
+        if reviews is None:
+            reviews, items = load_dataset(self.config.dataset, self.config.data_dir)
+        self.data = prepare(reviews, items, self.config)
+        d = self.data
+        same_day = int((d.reviews.timestamp[d.split.valid] == d.reviews.timestamp[d.split.test]).sum())
+        self.dataset_stats = {
+            "reviews": len(d.reviews), "users": len(d.user_ids), "items": len(d.item_ids),
+            "train": len(d.split.train), "valid": len(d.split.valid), "test": len(d.split.test),
+            "users_with_last_two_on_the_same_timestamp": same_day, "split": d.split.describe(),
+        }
+        self._step("load and split", started)
+        return d
+
+    # ------------------------------------------------------------------- text
+    def encode_texts(self) -> None:
+        """Embed train and validation reviews (never test ones) and item titles."""
+        started = time.perf_counter()
+        d = self.data
+        self.encoded_rows = np.sort(np.concatenate([d.split.train, d.split.valid]))
+        texts = review_texts(d, self.encoded_rows, self.config.text_template)
+        self.progress(f"encoding {len(texts)} train+validation reviews and {len(d.item_ids)} item titles")
+        vectors = self.encode(texts + [d.item_title(i) for i in range(len(d.item_ids))])
+        self.review_vectors = np.zeros((len(d.reviews), vectors.shape[1]), dtype=np.float32)
+        self.review_vectors[self.encoded_rows] = vectors[:len(texts)]
+        self.title_vectors = vectors[len(texts):]
+        self._step("encode", started)
+
+    def build_item_side(self) -> None:
+        """Item vectors and personas from train reviews only."""
+        started = time.perf_counter()
+        d, c = self.data, self.config
+        train = d.split.train
+        self.item_vectors = mean_item_vectors(len(d.item_ids), d.review_item[train], self.review_vectors[train],
+                                              self.title_vectors)
+        self.personas = self._personas(train, c.max_personas, c.reviews_per_persona)
+        # "Every review is a persona": the upper end of the multi-vector axis.
+        self.review_personas = self._personas(train, 10**6, 1)
+        self._step("item vectors and personas", started)
+
+    def _personas(self, rows: np.ndarray, max_personas: int, reviews_per_persona: int) -> PersonaSet:
+        d = self.data
+        return extract_personas(
+            d.item_ids, d.review_item[rows], self.review_vectors[rows], d.reviews.title[rows],
+            d.reviews.text[rows], max_personas=max_personas, reviews_per_persona=reviews_per_persona,
+            fallback_vectors=self.title_vectors, fallback_names=[d.item_title(i) for i in range(len(d.item_ids))],
+            seed=self.config.seed)
+
+    def build_profiles(self) -> None:
+        started = time.perf_counter()
+        d, c = self.data, self.config
+        in_train = np.zeros(len(d.reviews), dtype=bool)
+        in_train[d.split.train] = True
+        by_user: dict[int, list[int]] = {}
+        for r in d.split.chronological:
+            by_user.setdefault(int(d.review_user[r]), []).append(int(r))
+        self.valid_history_rows = [np.array([r for r in by_user[u] if in_train[r]]) for u in d.eval_users]
+        valid_row = dict(zip(d.eval_users.tolist(), d.split.valid.tolist()))
+        self.test_history_rows = [np.append(h, valid_row[int(u)]) for h, u in zip(self.valid_history_rows, d.eval_users)]
+        self.valid_profiles = self.profiles(self.valid_history_rows)
+        self.test_profiles = self.profiles(self.test_history_rows)
+        self._step("user profiles", started)
+
+    def profiles(self, history_rows: list[np.ndarray]) -> np.ndarray:
+        c = self.config
+        return profile_vectors(history_rows, lambda rows: self.review_vectors[rows], c.profile_gamma, c.profile_k)
+
+    def build_indexes(self) -> None:
+        started = time.perf_counter()
+        self.persona_index = make_index(self.personas)
+        self.review_index = make_index(self.review_personas)
+        self._step("persona indexes", started)
+
+    # --------------------------------------------------------------- baselines
+    def _evaluate_scores(self, model_score: Callable[[sp.csr_matrix, np.ndarray], np.ndarray],
+                         phase: str) -> np.ndarray:
+        d = self.data
+        history = d.train_matrix if phase == "valid" else d.test_history
+        return exclude_history(model_score(history, d.eval_users), history, d.eval_users)
+
+    def _targets(self, phase: str) -> np.ndarray:
+        return self.data.valid_targets if phase == "valid" else self.data.test_targets
+
+    def fit_baselines(self) -> None:
+        """Fit popularity, ItemKNN, EASE and BPR, choosing hyper-parameters on validation."""
+        d = self.data
+        self.cf_scores: dict[str, dict[str, np.ndarray]] = {}
+        self.cf_models: dict[str, Any] = {}
+        candidates: list[tuple[str, list[dict[str, Any]], Callable[..., Any]]] = [
+            ("popularity", [{}], lambda **p: bl.Popularity()),
+            ("ItemKNN", ITEMKNN_GRID, lambda **p: bl.ItemKNN(**p)),
+            ("EASE", EASE_GRID, lambda **p: bl.EASE(**p)),
+        ]
+        for name, grid, make in candidates:
+            started = time.perf_counter()
+            best = None
+            for params in grid:
+                model = make(**params).fit(d.train_matrix)
+                valid = self._evaluate_scores(model.score, "valid")
+                value = ndcg_at(ranks_from_scores(valid, d.valid_targets), 10).mean()
+                if best is None or value > best[0]:
+                    best = (value, params, model, valid)
+            self._record_cf(name, best)
+            self._step(f"{name} (grid of {len(grid)} on validation)", started)
+        started = time.perf_counter()
+        best = None
+        for params in BPR_GRID:
+            model = bl.BPR(seed=self.config.seed, **params).start(d.train_matrix)
+            for epoch in range(BPR_EVAL_EVERY, BPR_MAX_EPOCHS + 1, BPR_EVAL_EVERY):
+                model.train_epochs(BPR_EVAL_EVERY)
+                valid = self._evaluate_scores(model.score, "valid")
+                value = ndcg_at(ranks_from_scores(valid, d.valid_targets), 10).mean()
+                if best is None or value > best[0]:
+                    best = (value, {**params, "epochs": epoch}, None, valid)
+        # Refit the chosen configuration (same seed, same epoch count: the same model).
+        model = bl.BPR(seed=self.config.seed, **best[1]).fit(d.train_matrix)
+        self._record_cf("BPR", (best[0], best[1], model, best[3]))
+        self._step(f"BPR (grid of {len(BPR_GRID)} x {BPR_MAX_EPOCHS // BPR_EVAL_EVERY} epoch counts)", started)
+        order = ["popularity", "ItemKNN", "EASE", "BPR"]
+        valid_ndcg = {n: float(ndcg_at(ranks_from_scores(self.cf_scores[n]["valid"], d.valid_targets), 10).mean())
+                      for n in order}
+        self.first_stage = max(order[1:], key=lambda n: valid_ndcg[n])
+        self.choices["first_stage"] = {"method": self.first_stage, "valid_ndcg@10": valid_ndcg}
+
+    def _record_cf(self, name: str, best: tuple[float, dict[str, Any], Any, np.ndarray]) -> None:
+        value, params, model, valid = best
+        test = self._evaluate_scores(model.score, "test")
+        self.cf_models[name] = model
+        self.cf_scores[name] = {"valid": valid, "test": test}
+        self.choices[name] = {"params": params, "valid_ndcg@10": round(float(value), 5)}
+        self.results.append(MethodResult(name, "full", ranks_from_scores(valid, self.data.valid_targets),
+                                         ranks_from_scores(test, self.data.test_targets), params))
+
+    # ------------------------------------------------------------- text scores
+    def score_text(self) -> None:
+        """Dense single-vector and persona max-sim scores over the full catalog."""
+        started = time.perf_counter()
+        d = self.data
+        self.text_scores: dict[str, dict[str, np.ndarray]] = {}
+        for phase, profiles, history in (("valid", self.valid_profiles, d.train_matrix),
+                                         ("test", self.test_profiles, d.test_history)):
+            dense = exclude_history(profiles @ self.item_vectors.T, history, d.eval_users)
+            persona = index_scores(self.persona_index, profiles, history, d.eval_users)
+            reviews = index_scores(self.review_index, profiles, history, d.eval_users)
+            for name, scores in (("dense single-vector", dense), ("persona max-sim", persona),
+                                 ("review max-sim", reviews)):
+                self.text_scores.setdefault(name, {})[phase] = scores
+        params = {"dense single-vector": {"item": "mean of train review embeddings"},
+                  "persona max-sim": {"max_personas": self.config.max_personas,
+                                      "reviews_per_persona": self.config.reviews_per_persona,
+                                      "n_personas": self.personas.n_personas},
+                  "review max-sim": {"n_personas": self.review_personas.n_personas}}
+        for name, scores in self.text_scores.items():
+            self.results.append(MethodResult(name, "full", ranks_from_scores(scores["valid"], d.valid_targets),
+                                             ranks_from_scores(scores["test"], d.test_targets), params[name]))
+        self._step("text scoring (full catalog)", started)
+
+    def fuse_and_rerank(self) -> None:
+        """Rerank the first stage's top-N by persona score, alone and fused (alpha on validation)."""
+        started = time.perf_counter()
+        d = self.data
+        base = self.cf_scores[self.first_stage]
+        persona = self.text_scores["persona max-sim"]
+        dense = self.text_scores["dense single-vector"]
+        self.ceilings: dict[int, dict[str, float]] = {}
+        for n in self.config.candidate_sizes:
+            cands = {p: candidate_lists(base[p], n) for p in ("valid", "test")}
+            self.ceilings[n] = {p: float(ceiling(cands[p], self._targets(p)).mean()) for p in ("valid", "test")}
+            for name, text in (("dense single-vector", dense), ("persona max-sim", persona)):
+                self.results.append(MethodResult(
+                    f"{name} rerank", f"rerank@{n}",
+                    ranks_from_lists(rerank(cands["valid"], text["valid"]), d.valid_targets),
+                    ranks_from_lists(rerank(cands["test"], text["test"]), d.test_targets),
+                    {"first_stage": self.first_stage}))
+            alpha, curve = self._choose_alpha(
+                lambda a, p: fused_rerank(cands[p], persona[p], base[p], a), lists=True)
+            self.results.append(MethodResult(
+                f"fused persona + {self.first_stage}", f"rerank@{n}",
+                ranks_from_lists(fused_rerank(cands["valid"], persona["valid"], base["valid"], alpha), d.valid_targets),
+                ranks_from_lists(fused_rerank(cands["test"], persona["test"], base["test"], alpha), d.test_targets),
+                {"alpha": alpha, "first_stage": self.first_stage, "valid_ndcg@10_by_alpha": curve}))
+        alpha, curve = self._choose_alpha(lambda a, p: fuse(persona[p], base[p], a), lists=False)
+        self.results.append(MethodResult(
+            f"fused persona + {self.first_stage}", "full",
+            ranks_from_scores(fuse(persona["valid"], base["valid"], alpha), d.valid_targets),
+            ranks_from_scores(fuse(persona["test"], base["test"], alpha), d.test_targets),
+            {"alpha": alpha, "first_stage": self.first_stage, "valid_ndcg@10_by_alpha": curve}))
+        self._step("reranking and fusion", started)
+
+    def _choose_alpha(self, make: Callable[[float, str], np.ndarray], lists: bool) -> tuple[float, dict[str, float]]:
+        targets = self.data.valid_targets
+        curve = {}
+        for a in ALPHA_GRID:
+            out = make(a, "valid")
+            ranks = ranks_from_lists(out, targets) if lists else ranks_from_scores(out, targets)
+            curve[f"{a:.2f}"] = round(float(ndcg_at(ranks, 10).mean()), 5)
+        best = max(ALPHA_GRID, key=lambda a: (curve[f"{a:.2f}"], -a))
+        return float(best), curve
+
+    # ----------------------------------------------------------------- latency
+    def measure_latency(self) -> dict[str, dict[str, float]]:
+        """Per-user online latency (single thread): history in, top-10 ids out."""
+        started = time.perf_counter()
+        d, c = self.data, self.config
+        rng = np.random.default_rng(c.seed)
+        picks = rng.choice(len(d.eval_users), size=min(c.latency_users, len(d.eval_users)), replace=False)
+        history = d.test_history
+        n_items = len(d.item_ids)
+        pop = self.cf_models["popularity"].counts.astype(np.float64)
+        knn = self.cf_models["ItemKNN"].similarity
+        ease = self.cf_models["EASE"].weights
+        bpr = self.cf_models["BPR"]
+        bpr_users = bpr._fold_in(history, d.eval_users)
+        first_n = max(self.config.candidate_sizes)
+        fused_alpha = next(r.params["alpha"] for r in self.results
+                           if r.setting == f"rerank@{first_n}" and r.name.startswith("fused"))
+        base_name = self.first_stage
+
+        def top10(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+            scores[seen] = -np.inf
+            part = np.argpartition(-scores, 10)[:10]
+            return part[np.argsort(-scores[part], kind="stable")]
+
+        def cf_row(name: str, pos: int, seen: np.ndarray) -> np.ndarray:
+            if name == "popularity":
+                return pop.copy()
+            if name == "BPR":
+                return bpr_users[pos] @ bpr.item_factors.T + bpr.item_bias
+            matrix = knn if name == "ItemKNN" else ease
+            return matrix[seen].sum(axis=0, dtype=np.float64)
+
+        def profile(pos: int) -> np.ndarray:
+            return self.profiles([self.test_history_rows[pos]])[0]
+
+        def run_cf(name: str) -> Callable[[int], Any]:
+            def f(pos: int) -> Any:
+                seen = history.indices[history.indptr[d.eval_users[pos]]:history.indptr[d.eval_users[pos] + 1]]
+                return top10(cf_row(name, pos, seen), seen)
+            return f
+
+        def run_dense(pos: int) -> Any:
+            seen = history.indices[history.indptr[d.eval_users[pos]]:history.indptr[d.eval_users[pos] + 1]]
+            return top10((self.item_vectors @ profile(pos)).astype(np.float64), seen)
+
+        def run_index(index: Any) -> Callable[[int], Any]:
+            def f(pos: int) -> Any:
+                seen = history.indices[history.indptr[d.eval_users[pos]]:history.indptr[d.eval_users[pos] + 1]]
+                return index.search(profile(pos), k=10, exclude=seen.tolist())
+            return f
+
+        def run_fused(pos: int) -> Any:
+            seen = history.indices[history.indptr[d.eval_users[pos]]:history.indptr[d.eval_users[pos] + 1]]
+            base = cf_row(base_name, pos, seen)
+            base[seen] = -np.inf
+            part = np.argpartition(-base, first_n)[:first_n]
+            return self.persona_index.rerank(profile(pos), part.tolist(), base_scores=base[part], alpha=fused_alpha)
+
+        runs = {"popularity": run_cf("popularity"), "ItemKNN": run_cf("ItemKNN"), "EASE": run_cf("EASE"),
+                "BPR": run_cf("BPR"), "dense single-vector": run_dense,
+                "persona max-sim": run_index(self.persona_index), "review max-sim": run_index(self.review_index),
+                f"fused persona + {base_name} rerank@{first_n}": run_fused}
+        latency = {}
+        for name, fn in runs.items():
+            for pos in picks[:20]:
+                fn(int(pos))  # warm caches and lazy paths
+            samples = []
+            for pos in picks:
+                t = time.perf_counter_ns()
+                fn(int(pos))
+                samples.append((time.perf_counter_ns() - t) / 1000.0)
+            latency[name] = {"median_us": round(float(np.median(samples)), 1),
+                             "p95_us": round(float(np.percentile(samples, 95)), 1), "users": len(samples)}
+        self.latency = latency
+        self.latency_note = (f"single thread, {len(picks)} test users, includes profile building (cached review "
+                             f"embeddings), scoring, history exclusion and top-10 selection over {n_items} items; "
+                             "BPR user factors are precomputed (fold-in not timed)")
+        self._step("latency", started)
+        return latency
+
+    # -------------------------------------------------------------- examples
+    def examples(self) -> list[dict[str, Any]]:
+        """For a few test users: history, and the fused top-5 with the matched persona."""
+        d, c = self.data, self.config
+        rng = np.random.default_rng(c.seed + 1)
+        chosen = rng.choice(len(d.eval_users), size=min(c.show_users, len(d.eval_users)), replace=False)
+        first_n = max(c.candidate_sizes)
+        fused = next(r for r in self.results if r.setting == f"rerank@{first_n}" and r.name.startswith("fused"))
+        base = self.cf_scores[self.first_stage]["test"]
+        out = []
+        for pos in chosen:
+            pos = int(pos)
+            cands = candidate_lists(base[pos:pos + 1], first_n)[0]
+            cands = cands[cands >= 0]
+            res = self.persona_index.rerank(self.test_profiles[pos], cands.tolist(),
+                                            base_scores=base[pos, cands], alpha=fused.params["alpha"])
+            recs = []
+            for rank, (item, row) in enumerate(zip(res.ids[:5], res.persona_rows[:5]), 1):
+                recs.append({"rank": rank, "item_id": d.item_ids[int(item)], "title": d.item_title(int(item)),
+                             "persona": self.personas.names[int(row)],
+                             "persona_description": self.personas.descriptions[int(row)],
+                             "is_held_out_item": int(item) == int(d.test_targets[pos])})
+            history = [{"item_id": d.item_ids[int(d.review_item[r])], "title": d.item_title(int(d.review_item[r])),
+                        "review_title": str(d.reviews.title[r])} for r in self.test_history_rows[pos][-5:]]
+            out.append({"user_id": d.user_ids[int(d.eval_users[pos])], "recent_history": history,
+                        "held_out": {"item_id": d.item_ids[int(d.test_targets[pos])],
+                                     "title": d.item_title(int(d.test_targets[pos]))},
+                        "recommendations": recs})
+        return out
+
+    # ---------------------------------------------------------------- summary
+    def summarise(self) -> dict[str, Any]:
+        """The report dictionary: metrics with CIs, p-values, scenarios, latency, choices."""
+        started = time.perf_counter()
+        d, c = self.data, self.config
+        methods = []
+        per_user: dict[str, dict[str, np.ndarray]] = {}
+        for r in self.results:
+            key = f"{r.name} | {r.setting}"
+            test_metrics = per_user_metrics(r.test_ranks, c.cutoffs)
+            valid_metrics = per_user_metrics(r.valid_ranks, c.cutoffs)
+            per_user[key] = test_metrics
+            entry: dict[str, Any] = {"method": r.name, "setting": r.setting, "params": r.params, "test": {},
+                                     "valid": {m: round(float(v.mean()), 5) for m, v in valid_metrics.items()}}
+            for m, values in test_metrics.items():
+                mean, low, high = bootstrap_ci(values, c.n_bootstrap, seed=c.seed)
+                entry["test"][m] = {"mean": round(mean, 5), "ci95": [round(low, 5), round(high, 5)]}
+            methods.append(entry)
+        users_train = np.diff(d.train_matrix.indptr)[d.eval_users]
+        item_pop = np.asarray(d.train_matrix.sum(axis=0)).ravel()
+        by_pop = np.lexsort((np.arange(len(item_pop)), -item_pop))
+        fifth = max(1, int(round(0.2 * len(item_pop))))
+        head, tail = np.zeros(len(item_pop), bool), np.zeros(len(item_pop), bool)
+        head[by_pop[:fifth]] = True
+        tail[by_pop[-fifth:]] = True
+        groups = {
+            "warm users (top 20% by train reviews)": users_train >= np.quantile(users_train, 0.8),
+            "cold users (bottom 20% by train reviews)": users_train <= np.quantile(users_train, 0.2),
+            "head items (target in top 20% by train popularity)": head[d.test_targets],
+            "tail items (target in bottom 20% by train popularity)": tail[d.test_targets],
+        }
+        scenarios = {g: {"users": int(mask.sum()),
+                         "ndcg@10": {k: round(float(v["NDCG@10"][mask].mean()), 5) for k, v in per_user.items()}}
+                     for g, mask in groups.items()}
+        full_first = f"{self.first_stage} | full"
+        comparisons = [("persona max-sim | full", "dense single-vector | full"),
+                       ("review max-sim | full", "dense single-vector | full"),
+                       (f"fused persona + {self.first_stage} | full", full_first)]
+        for n in c.candidate_sizes:
+            comparisons.append((f"persona max-sim rerank | rerank@{n}", f"dense single-vector rerank | rerank@{n}"))
+            comparisons.append((f"fused persona + {self.first_stage} | rerank@{n}", full_first))
+        pvalues = []
+        for a, b in comparisons:
+            x, y = per_user[a]["NDCG@10"], per_user[b]["NDCG@10"]
+            pvalues.append({"a": a, "b": b, "metric": "NDCG@10", "mean_a": round(float(x.mean()), 5),
+                            "mean_b": round(float(y.mean()), 5),
+                            "p_value": round(paired_bootstrap_pvalue(x, y, seed=c.seed), 5)})
+        self._step("statistics", started)
+        return {
+            "version": 1,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()},
+            "encoder": self.encoder_identity,
+            "dataset": self.dataset_stats,
+            "protocol": {"split": d.split.describe(), "tie_break": d.split.tie_break, "seed": d.split.seed,
+                         "selection": "every choice on validation NDCG@10; test reported once",
+                         "full_ranking": "all items except the user's history",
+                         "rerank": "first stage top-N reordered; misses outside the list count as misses"},
+            "choices": self.choices,
+            "rerank_ceiling_hr": {str(n): v for n, v in self.ceilings.items()},
+            "methods": methods,
+            "p_values": pvalues,
+            "scenarios": scenarios,
+            "latency": {"per_user": self.latency, "note": self.latency_note},
+            "personas": {"n_items": self.personas.n_items, "n_personas": self.personas.n_personas,
+                         "mean_per_item": round(self.personas.n_personas / self.personas.n_items, 3)},
+            "examples": self.examples(),
+            "timings_s": self.timings,
+        }
+
+    def run(self, reviews: ReviewTable | None = None, items: ItemTable | None = None) -> dict[str, Any]:
+        """Every step in order; returns the report dictionary."""
+        self.load(reviews, items)
+        self.encode_texts()
+        self.build_item_side()
+        self.build_profiles()
+        self.build_indexes()
+        self.fit_baselines()
+        self.score_text()
+        self.fuse_and_rerank()
+        self.measure_latency()
+        report = self.summarise()
+        report["timings_s"]["total"] = round(time.perf_counter() - self._t0, 1)
+        return report
+
+
+def profile_vectors(history_rows: Sequence[np.ndarray], row_vectors: Callable[[np.ndarray], np.ndarray],
+                    gamma: float, k: int) -> np.ndarray:
+    """User vectors: recency-weighted mean of the last ``k`` history embeddings (newest weight 1,
+    then ``gamma``, ``gamma**2``...), L2-normalised. ``history_rows[u]`` is oldest first."""
+    out = np.zeros((len(history_rows), 0), dtype=np.float32)
+    rows_list = []
+    for rows in history_rows:
+        last = np.asarray(rows, dtype=np.int64)[-k:]
+        vectors = np.asarray(row_vectors(last), dtype=np.float64)
+        weights = gamma ** np.arange(len(last) - 1, -1, -1, dtype=np.float64)
+        v = weights @ vectors
+        rows_list.append(v / max(float(np.linalg.norm(v)), 1e-12))
+    if rows_list:
+        out = np.asarray(rows_list, dtype=np.float32)
+    return out
+
+
+def make_index(personas: PersonaSet) -> Any:
+    """A :class:`persona4rec.PersonaIndex` over dense item positions, with persona texts."""
+    from persona4rec.index import PersonaIndex
+
+    records = [{"persona_id": f"{personas.item_ids[i]}_E{p - personas.offsets[i] + 1}",
+                "name": personas.names[p], "description": personas.descriptions[p]}
+               for i in range(personas.n_items) for p in personas.personas_of(i)]
+    return PersonaIndex.build(np.arange(personas.n_items, dtype=np.int64), personas.vectors, personas.offsets,
+                              personas=records)
+
+
+def index_scores(index: Any, profiles: np.ndarray, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+    """Full users x items score matrix from the index's exact search (history items -inf)."""
+    n_items = index.n_items
+    exclude = [history.indices[history.indptr[u]:history.indptr[u + 1]].tolist() for u in users]
+    ids, scores = index.search(np.ascontiguousarray(profiles, dtype=np.float32), k=n_items, exclude=exclude)
+    out = np.full((len(users), n_items), -np.inf)
+    valid = ids >= 0
+    rows = np.repeat(np.arange(len(users)), ids.shape[1]).reshape(ids.shape)
+    out[rows[valid], ids[valid]] = scores[valid]
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -1,0 +1,224 @@
+"""Extractive personas: a multi-vector item representation that needs no LLM.
+
+An item's train reviews are embedded and clustered with spherical k-means; each
+cluster centroid (re-normalised) is one persona vector. A persona is named after the
+title of its most central review (the review closest to the centroid) and described
+by the titles of its most central reviews plus the opening phrase of the most central
+review's text, so the explanation a user sees is always words real reviewers wrote.
+
+Items with few reviews get fewer personas: ``P = clamp(n_reviews // reviews_per_persona,
+1, max_personas)``, so no persona stands on a single review unless the item has only
+one. Items without any review get one persona from a fallback vector (for example the
+embedding of the item's title), named by the item title.
+
+The output layout is the one :class:`persona4rec.PersonaIndex` takes: float32
+L2-normalised rows grouped by item with CSR ``offsets`` (int64, ``n_items + 1``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PersonaSet:
+    """Personas of a catalog, grouped by item.
+
+    ``vectors[offsets[i]:offsets[i + 1]]`` are the personas of ``item_ids[i]``;
+    ``names``, ``descriptions`` and ``support`` (reviews per persona) are per persona row.
+    ``central_reviews[p]`` lists the indices (into the review list the set was built
+    from) of the persona's most central reviews, best first.
+    """
+
+    item_ids: list[str]
+    vectors: np.ndarray
+    offsets: np.ndarray
+    names: list[str]
+    descriptions: list[str]
+    support: np.ndarray
+    central_reviews: list[list[int]] = field(default_factory=list)
+    params: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_personas(self) -> int:
+        return int(self.offsets[-1])
+
+    def item_of_persona(self) -> np.ndarray:
+        """Item position of every persona row."""
+        return np.repeat(np.arange(self.n_items), np.diff(self.offsets))
+
+    def personas_of(self, item_position: int) -> range:
+        return range(int(self.offsets[item_position]), int(self.offsets[item_position + 1]))
+
+    def to_records(self) -> list[dict[str, object]]:
+        """One JSON-serialisable record per persona (without the vector)."""
+        owners = self.item_of_persona()
+        return [
+            {"version": FORMAT_VERSION, "item_id": self.item_ids[owners[p]],
+             "persona_id": f"{self.item_ids[owners[p]]}_E{p - int(self.offsets[owners[p]]) + 1}",
+             "name": self.names[p], "description": self.descriptions[p], "support": int(self.support[p])}
+            for p in range(self.n_personas)
+        ]
+
+
+def personas_for(n_reviews: int, max_personas: int = 5, reviews_per_persona: int = 2) -> int:
+    """How many personas an item with ``n_reviews`` train reviews gets."""
+    if max_personas < 1 or reviews_per_persona < 1:
+        raise ValueError("max_personas and reviews_per_persona must be at least 1")
+    return int(min(max_personas, max(1, n_reviews // reviews_per_persona)))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def spherical_kmeans(points: np.ndarray, k: int, seed: int = 0, max_iter: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster unit vectors by cosine similarity. Returns ``(centroids, labels)``.
+
+    Seeding is k-means++ on cosine distance (deterministic for a given ``seed``); a
+    cluster that empties is re-seeded with the point farthest from its centroid.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    n = len(points)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} for {n} points, got {k}")
+    if k == n:
+        return _normalise(points.copy()), np.arange(n)
+    rng = np.random.default_rng(seed)
+    chosen = [int(rng.integers(n))]
+    distance = 1.0 - points @ points[chosen[0]]
+    for _ in range(1, k):
+        weights = np.clip(distance, 0.0, None)
+        total = weights.sum()
+        nxt = int(rng.choice(n, p=weights / total)) if total > 1e-12 else int(rng.integers(n))
+        chosen.append(nxt)
+        distance = np.minimum(distance, 1.0 - points @ points[nxt])
+    centroids = points[chosen].copy()
+    labels = np.full(n, -1)
+    for _ in range(max_iter):
+        similarity = points @ centroids.T
+        new_labels = similarity.argmax(axis=1)
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        for c in range(k):
+            members = labels == c
+            if not members.any():
+                far = int(similarity.max(axis=1).argmin())
+                labels[far] = c
+                members = labels == c
+            centroids[c] = points[members].sum(axis=0)
+        centroids = _normalise(centroids)
+    return centroids, labels
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _opening_phrase(text: str, max_words: int = 20) -> str:
+    first = _SENTENCE_END.split(text.strip(), maxsplit=1)[0] if text.strip() else ""
+    words = first.split()
+    return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+
+
+def extract_personas(
+    item_ids: Sequence[str],
+    review_item: np.ndarray,
+    review_vectors: np.ndarray,
+    review_titles: Sequence[str],
+    review_texts: Sequence[str],
+    *,
+    max_personas: int = 5,
+    reviews_per_persona: int = 2,
+    fallback_vectors: np.ndarray | None = None,
+    fallback_names: Sequence[str] | None = None,
+    seed: int = 0,
+    n_central: int = 3,
+) -> PersonaSet:
+    """Build extractive personas for every item in ``item_ids``.
+
+    ``review_item[r]`` is the item position (into ``item_ids``) of review ``r``, whose
+    embedding is ``review_vectors[r]`` (L2-normalised). Pass only the reviews the
+    personas may see: in evaluation, train reviews only. ``fallback_vectors`` (one row
+    per item) serve items without reviews; without them such an item is an error.
+    """
+    review_item = np.asarray(review_item, dtype=np.int64)
+    review_vectors = np.asarray(review_vectors, dtype=np.float32)
+    n_items = len(item_ids)
+    if len(review_item) != len(review_vectors):
+        raise ValueError("review_item and review_vectors must have one row per review")
+    if len(review_item) and (review_item.min() < 0 or review_item.max() >= n_items):
+        raise ValueError("review_item holds an item position outside 0..len(item_ids)-1")
+    order = np.argsort(review_item, kind="stable")
+    bounds = np.searchsorted(review_item[order], np.arange(n_items + 1))
+    vectors: list[np.ndarray] = []
+    names: list[str] = []
+    descriptions: list[str] = []
+    support: list[int] = []
+    central: list[list[int]] = []
+    offsets = np.zeros(n_items + 1, dtype=np.int64)
+    for item in range(n_items):
+        rows = order[bounds[item]:bounds[item + 1]]
+        if len(rows) == 0:
+            if fallback_vectors is None:
+                raise ValueError(f"item {item_ids[item]!r} has no reviews and no fallback vector was given")
+            vectors.append(_normalise(np.asarray(fallback_vectors[item], dtype=np.float64))[None, :])
+            title = fallback_names[item] if fallback_names is not None else str(item_ids[item])
+            names.append(str(title))
+            descriptions.append(f"Built from the item description: {title}")
+            support.append(0)
+            central.append([])
+            offsets[item + 1] = offsets[item] + 1
+            continue
+        k = personas_for(len(rows), max_personas, reviews_per_persona)
+        centroids, labels = spherical_kmeans(review_vectors[rows], k, seed=seed + item)
+        # Larger clusters first: the persona most reviewers share leads the list.
+        for c in sorted(range(k), key=lambda c: (-(labels == c).sum(), c)):
+            members = rows[labels == c]
+            closeness = review_vectors[members] @ centroids[c]
+            ranked = members[np.argsort(-closeness, kind="stable")][:n_central]
+            titles = [str(review_titles[r]).strip() for r in ranked if str(review_titles[r]).strip()]
+            lead = titles[0] if titles else _opening_phrase(str(review_texts[ranked[0]]), 8)
+            phrase = _opening_phrase(str(review_texts[ranked[0]]))
+            vectors.append(centroids[c][None, :])
+            names.append(lead)
+            descriptions.append(f"Reviewers who said: {'; '.join(titles) or lead}. " +
+                                (f"In their words: \"{phrase}\"" if phrase else ""))
+            support.append(len(members))
+            central.append([int(r) for r in ranked])
+        offsets[item + 1] = offsets[item] + k
+    stacked = _normalise(np.concatenate(vectors, axis=0)).astype(np.float32) if vectors else \
+        np.zeros((0, review_vectors.shape[1]), dtype=np.float32)
+    return PersonaSet(
+        item_ids=[str(i) for i in item_ids], vectors=np.ascontiguousarray(stacked), offsets=offsets,
+        names=names, descriptions=descriptions, support=np.asarray(support, dtype=np.int64),
+        central_reviews=central,
+        params={"method": "extractive-spherical-kmeans", "max_personas": max_personas,
+                "reviews_per_persona": reviews_per_persona, "seed": seed},
+    )
+
+
+def mean_item_vectors(n_items: int, review_item: np.ndarray, review_vectors: np.ndarray,
+                      fallback_vectors: np.ndarray | None = None) -> np.ndarray:
+    """One L2-normalised vector per item: the mean of its reviews (fallback when it has none)."""
+    review_item = np.asarray(review_item, dtype=np.int64)
+    sums = np.zeros((n_items, review_vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, review_item, review_vectors)
+    counts = np.bincount(review_item, minlength=n_items)
+    empty = counts == 0
+    if empty.any():
+        if fallback_vectors is None:
+            raise ValueError(f"{int(empty.sum())} item(s) have no reviews and no fallback vector was given")
+        sums[empty] = fallback_vectors[empty]
+    return _normalise(sums).astype(np.float32)
