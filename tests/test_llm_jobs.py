@@ -1,0 +1,192 @@
+"""JobRunner: repair turn, failure records, cache, resume after a kill, pending tasks, fatal stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("httpx")
+
+from llm_fixtures.stub_server import Reply, StubServer, chat_reply  # noqa: E402
+
+from persona4rec.llm.client import ChatClient, ClientConfig, FatalLLMError  # noqa: E402
+from persona4rec.llm.jobs import JobRunner, read_jsonl  # noqa: E402
+from persona4rec.llm.prompts import load_prompt_set  # noqa: E402
+from persona4rec.llm.stages import summary_tasks  # noqa: E402
+
+PROMPTS = load_prompt_set("product")
+DEADLINE_S = 30
+GOOD = json.dumps({"summary": "A guitar strap. It is made of leather."})
+
+
+def items(n: int) -> list[dict]:
+    return [{"item_id": f"I{i:03d}", "title": f"Item number {i}", "categories": "Straps", "description": "",
+             "attributes": {"price": "9.99"}} for i in range(n)]
+
+
+def item_of(body: dict) -> str:
+    """The item id a summary request is about (from its rendered prompt)."""
+    text = body["messages"][1]["content"]
+    return "I" + text.split("Item number ", 1)[1].split("\n", 1)[0].zfill(3)
+
+
+def run(server: StubServer, tasks, out: Path, cache: Path | None = None, retry_failed: bool = False, **cfg):
+    settings = dict(base_url=server.base_url, model="stub", api_key_env=None, timeout_s=2.0, concurrency=4,
+                    max_retries=2, backoff_base_s=0.01, backoff_cap_s=0.02)
+    settings.update(cfg)
+
+    async def go():
+        async with ChatClient(ClientConfig(**settings)) as client:
+            runner = JobRunner(client, "summary", PROMPTS.tag, PROMPTS.fingerprint, cache, progress=False)
+            return await runner.run(tasks, out, retry_failed=retry_failed)
+
+    return asyncio.run(asyncio.wait_for(go(), DEADLINE_S))
+
+
+def test_malformed_json_gets_one_repair_turn_quoting_the_error(tmp_path):
+    with StubServer(lambda b, n: chat_reply('{"summary": "cut off' if n == 0 else GOOD)) as s:
+        summary = run(s, summary_tasks(items(1), PROMPTS), tmp_path / "out.jsonl")
+    [record] = read_jsonl(tmp_path / "out.jsonl")
+    assert record["status"] == "ok" and record["repaired"] is True and record["calls"] == 2
+    assert record["summary"] == "A guitar strap. It is made of leather."
+    repair_turn = s.requests[1]["messages"]
+    assert repair_turn[-2] == {"role": "assistant", "content": '{"summary": "cut off'}
+    assert "not valid JSON" in repair_turn[-1]["content"]
+    assert record["usage"] == {"prompt_tokens": 22, "completion_tokens": 14}  # both calls counted
+    assert summary.done == 1 and summary.failed == 0
+
+
+def test_schema_failure_twice_is_recorded_as_failed_with_raw_text(tmp_path):
+    bad = [json.dumps({"summary": ""}), json.dumps({"sumary": "typo"})]
+    with StubServer(lambda b, n: chat_reply(bad[n % 2])) as s:
+        summary = run(s, summary_tasks(items(1), PROMPTS), tmp_path / "out.jsonl")
+    [record] = read_jsonl(tmp_path / "out.jsonl")
+    assert record["status"] == "failed" and "summary" not in record
+    assert record["raw_text"] == bad
+    assert "must not be empty" in record["errors"][0] and "missing required field" in record["error"]
+    assert len(s.requests) == 2 and summary.failed == 1
+    assert record["prompt_version"] == "v1/product" and record["model"] == "stub"
+
+
+def test_failed_records_are_kept_on_resume_and_redone_only_on_request(tmp_path):
+    out = tmp_path / "out.jsonl"
+    tasks = summary_tasks(items(3), PROMPTS)
+    with StubServer(lambda b, n: chat_reply("{}" if item_of(b) == "I001" else GOOD)) as s:
+        run(s, tasks, out)
+        assert run(s, tasks, out).done == 0  # failed I001 is not silently retried
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        summary = run(s, tasks, out, retry_failed=True)
+    records = read_jsonl(out)
+    assert summary.done == 1 and len(s.requests) == 1
+    assert sorted(r["key"] for r in records) == ["I000", "I001", "I002"]
+    assert all(r["status"] == "ok" for r in records)
+
+
+def test_cache_answers_repeated_calls_without_the_server(tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    tasks = summary_tasks(items(5), PROMPTS)
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        first = run(s, tasks, tmp_path / "a.jsonl", cache)
+        second = run(s, tasks, tmp_path / "b.jsonl", cache)
+    assert len(s.requests) == 5
+    assert first.cached == 0 and second.cached == 5 and second.prompt_tokens == 0
+    assert second.cached_prompt_tokens == first.prompt_tokens == 55
+    assert all(r["cached"] for r in read_jsonl(tmp_path / "b.jsonl"))
+
+
+def test_cache_key_changes_with_model_and_params(tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    tasks = summary_tasks(items(1), PROMPTS)
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        run(s, tasks, tmp_path / "a.jsonl", cache)
+        run(s, tasks, tmp_path / "b.jsonl", cache, temperature=0.7)
+        run(s, tasks, tmp_path / "c.jsonl", cache, model="other")
+    assert len(s.requests) == 3
+
+
+def test_resume_skips_recorded_keys_and_cuts_a_torn_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    tasks = summary_tasks(items(6), PROMPTS)
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        run(s, tasks[:3], out)
+        with open(out, "a") as f:
+            f.write('{"key": "I003", "status": "o')  # a kill landed mid-write
+        summary = run(s, tasks, out)
+    records = read_jsonl(out)
+    assert summary.already_done == 3 and summary.done == 3
+    assert sorted(r["key"] for r in records) == [f"I{i:03d}" for i in range(6)]
+    assert out.read_text().count("\n") == 6
+
+
+def test_transient_failures_leave_tasks_pending_for_the_next_run(tmp_path):
+    out = tmp_path / "out.jsonl"
+    tasks = summary_tasks(items(4), PROMPTS)
+    with StubServer(lambda b, n: Reply(503, "overloaded") if item_of(b) == "I002" else chat_reply(GOOD)) as s:
+        summary = run(s, tasks, out)
+    assert summary.pending == 1 and summary.done == 3 and "I002" in summary.pending_errors[0]
+    assert "I002" not in {r["key"] for r in read_jsonl(out)}
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        summary = run(s, tasks, out)
+    assert summary.done == 1 and summary.pending == 0 and len(read_jsonl(out)) == 4
+
+
+def test_fatal_error_stops_the_run_and_keeps_finished_records(tmp_path):
+    out = tmp_path / "out.jsonl"
+    tasks = summary_tasks(items(10), PROMPTS)
+    with StubServer(lambda b, n: chat_reply(GOOD) if n < 3 else Reply(401, {"error": {"message": "bad key"}})) as s:
+        with pytest.raises(FatalLLMError, match="401"):
+            run(s, tasks, out, concurrency=1)
+    assert len(read_jsonl(out)) == 3
+    assert len(s.requests) == 4  # stopped at the first 401, did not hammer on
+
+
+def test_retries_and_attempts_are_recorded_per_record(tmp_path):
+    with StubServer(lambda b, n: Reply(500, "x") if n == 0 else chat_reply(GOOD)) as s:
+        summary = run(s, summary_tasks(items(1), PROMPTS), tmp_path / "out.jsonl")
+    [record] = read_jsonl(tmp_path / "out.jsonl")
+    assert [a.get("status") for a in record["attempts"]] == [500, 200]
+    assert summary.retried == 1
+
+
+def test_cost_estimate_uses_paid_tokens(tmp_path):
+    with StubServer(lambda b, n: chat_reply(GOOD, prompt_tokens=1000, completion_tokens=500)) as s:
+        summary = run(s, summary_tasks(items(2), PROMPTS), tmp_path / "out.jsonl")
+    assert summary.cost({"prompt": 0.15, "completion": 0.6}) == pytest.approx((2000 * 0.15 + 1000 * 0.6) / 1e6)
+    assert "estimated cost" in summary.format({"prompt": 0.15, "completion": 0.6})
+
+
+def test_killed_cli_run_resumes_with_exactly_one_record_per_input(tmp_path):
+    n_items = 40
+    items_path = tmp_path / "items.jsonl"
+    items_path.write_text("".join(json.dumps(i) + "\n" for i in items(n_items)))
+    out = tmp_path / "summaries.jsonl"
+    command = [sys.executable, "-m", "persona4rec.cli", "llm", "summaries", "--items", str(items_path),
+               "--out", str(out), "--concurrency", "2", "--no-progress", "--api-key-env", "P4R_NO_KEY",
+               "--timeout", "5"]
+    with StubServer(lambda b, n: chat_reply(GOOD, delay_s=0.05)) as s:
+        proc = subprocess.Popen(command + ["--base-url", s.base_url], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(10)
+            proc.stderr.close()
+        written_before_kill = len(read_jsonl(out))
+        assert 8 <= written_before_kill < n_items
+        finished = subprocess.run(command + ["--base-url", s.base_url], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    keys = [r["key"] for r in read_jsonl(out)]
+    assert sorted(keys) == sorted(i["item_id"] for i in items(n_items))  # nothing lost, nothing duplicated
+    # Answers that arrived before the kill came from the cache; at most the calls in flight were paid twice.
+    assert len(s.requests) <= n_items + 2
