@@ -5,8 +5,8 @@ A dataset directory is found, in order, at:
 1. the ``data_dir`` argument (``--data-dir`` on the command line);
 2. ``$PERSONA4REC_DATA_DIR/<name>``;
 3. ``$PERSONA4REC_SHARED/data/<name>`` (the project's shared data folder, used by CI);
-4. the per-user cache ``$PERSONA4REC_CACHE`` or ``$XDG_CACHE_HOME/persona4rec`` or
-   ``~/.cache/persona4rec``, under ``datasets/<name>``;
+4. the per-user cache (:func:`cache_dir`: ``$PERSONA4REC_CACHE_DIR``,
+   ``$XDG_CACHE_HOME/persona4rec`` or ``~/.cache/persona4rec``), under ``datasets/<name>``;
 
 and, when none of them has the files and ``download=True``, the files are fetched from
 their public source into the cache and checked against their SHA-256 before use.
@@ -76,11 +76,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """The per-user cache root for persona4rec (datasets, embeddings, models)."""
-    if os.environ.get("PERSONA4REC_CACHE"):
-        return Path(os.environ["PERSONA4REC_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "persona4rec"
+    """The per-user cache root (``$PERSONA4REC_CACHE_DIR``, ``$XDG_CACHE_HOME/persona4rec``
+    or ``~/.cache/persona4rec``), shared with the encoder and the interaction cache."""
+    from persona4rec.encoder import default_cache_dir
+
+    return default_cache_dir()
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:

@@ -24,13 +24,12 @@ def register(sub) -> None:
     p.add_argument("--quantized-encoder", action="store_true", help="use the int8 encoder (faster, slightly different)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for encoding (0 = all cores)")
     p.add_argument("--embedding-cache", default=None,
-                   help="folder of cached review embeddings (default: <persona4rec cache>/embeddings)")
+                   help="interaction-embedding cache folder (default: the per-user one of persona4rec.profile)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from persona4rec.data.registry import cache_dir
     from persona4rec.encoder import load_default_encoder
     from persona4rec.evaluation.report import markdown_table, write_report
     from persona4rec.evaluation.runner import Evaluation, EvaluationConfig
@@ -45,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     say("loading the encoder (the first run exports the packaged model once)")
     encoder = load_default_encoder(quantized=args.quantized_encoder, model_dir=args.encoder_dir,
                                    intra_op_threads=args.threads)
-    evaluation = Evaluation(config, encode=lambda texts: encoder.encode(texts, batch_size=32), progress=say,
-                            embedding_cache=args.embedding_cache or str(cache_dir() / "embeddings"),
-                            encoder_identity=encoder.identity)
+    evaluation = Evaluation(config, encoder, progress=say, cache=args.embedding_cache)
     report = evaluation.run()
     report["timings_s"]["wall_including_encoder_load"] = round(time.perf_counter() - started, 1)
     out = args.out or f"reports/evaluate/{args.dataset}-{args.tie_break}"

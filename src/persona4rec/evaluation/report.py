@@ -39,7 +39,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| method | setting | " + " | ".join(SUMMARY_METRICS) + " | valid NDCG@10 | latency µs (median / p95) |",
              "|---|---|" + "---|" * len(SUMMARY_METRICS) + "---|---|"]
     for m in report["methods"]:
-        cells = [_fmt_ci(m["test"][k]) if k in SUMMARY_METRICS[3:4] else f"{m['test'][k]['mean']:.4f}"
+        cells = [_fmt_ci(m["test"][k]) if "ci95" in m["test"][k] else f"{m['test'][k]['mean']:.4f}"
                  for k in SUMMARY_METRICS]
         name = m["method"] + (f" (alpha={m['params']['alpha']:.2f})" if "alpha" in m["params"] else "")
         lines.append(f"| {name} | {m['setting']} | " + " | ".join(cells) +
@@ -52,8 +52,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# Evaluation: {report['config']['dataset']}", "",
            f"{d['reviews']} reviews, {d['users']} users, {d['items']} items; {report['protocol']['split']}; "
            f"{d['users_with_last_two_on_the_same_timestamp']} users have their last two reviews on the same "
-           "timestamp. Test set; every choice was made on validation NDCG@10. NDCG@10 shows the 95% bootstrap "
-           "CI over users.", "",
+           "timestamp. Test set; every choice was made on validation NDCG@10. HR@10 and NDCG@10 show 95% "
+           "bootstrap CIs over users.", "",
            f"Encoder: {json.dumps(report.get('encoder'))}", "",
            markdown_table(report), "",
            "## Rerank ceiling (first stage hit rate within its top-N)", "",

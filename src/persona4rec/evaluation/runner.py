@@ -40,8 +40,17 @@ from persona4rec.evaluation.metrics import ndcg as ndcg_at
 from persona4rec.evaluation.metrics import per_user_metrics
 from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
 from persona4rec.personas import PersonaSet, extract_personas, mean_item_vectors
+from persona4rec.profile import (
+    DEFAULT_GAMMA,
+    DEFAULT_K,
+    EmptyHistoryError,
+    InteractionEmbeddingCache,
+    Interaction,
+    ReviewTextTemplate,
+    UserProfiler,
+    text_key,
+)
 
-Encode = Callable[[list[str]], np.ndarray]
 Progress = Callable[[str], Any]
 
 # Validation grids (small on purpose: the whole job must run in minutes on two cores).
@@ -50,8 +59,8 @@ EASE_GRID = [{"l2": v} for v in (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0)]
 BPR_GRID = [{"factors": 64, "reg": r, "lr": 0.1} for r in (0.01, 0.03, 0.1)] + [{"factors": 128, "reg": 0.03, "lr": 0.1}]
 BPR_MAX_EPOCHS = 300
 BPR_EVAL_EVERY = 25
+CI_METRICS = ("HR@10", "NDCG@10")
 ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
-TEXT_TEMPLATE = "{item_title}. {review_title}. {review_text}"
 
 
 @dataclass
@@ -65,15 +74,14 @@ class EvaluationConfig:
     k_core: int = 5
     max_personas: int = 5
     reviews_per_persona: int = 2
-    profile_gamma: float = 0.65
-    profile_k: int = 10
+    profile_gamma: float = DEFAULT_GAMMA
+    profile_k: int = DEFAULT_K
     candidate_sizes: tuple[int, ...] = (20, 50, 100)
     cutoffs: tuple[int, ...] = DEFAULT_CUTOFFS
     n_bootstrap: int = 2000
     latency_users: int = 300
     show_users: int = 3
-    persona_file: str | None = None
-    text_template: str = TEXT_TEMPLATE
+    profile_min_rating: float | None = 3.0
 
 
 @dataclass
@@ -117,11 +125,28 @@ def prepare(reviews: ReviewTable, items: ItemTable | None, config: EvaluationCon
                     test_targets=review_item[split.test], train_matrix=train_matrix, test_history=test_history)
 
 
-def review_texts(data: Prepared, rows: np.ndarray, template: str = TEXT_TEMPLATE) -> list[str]:
-    """The text embedded for each review row: item title, review title and text."""
-    return [template.format(item_title=data.item_title(int(data.review_item[r])),
-                            review_title=str(data.reviews.title[r]).strip(),
-                            review_text=str(data.reviews.text[r]).strip()) for r in rows]
+def review_texts(data: Prepared, rows: np.ndarray) -> list[str]:
+    """The text embedded for each review row, by the profile module's Amazon 5-core
+    template (item title, review title, review text), so item and user sides agree."""
+    template = ReviewTextTemplate()
+    return [template.render({"item_title": data.item_title(int(data.review_item[r])),
+                             "summary": data.reviews.title[r], "reviewText": data.reviews.text[r]})
+            for r in rows]
+
+
+def embed_with_cache(encoder: Any, cache: InteractionEmbeddingCache, texts: Sequence[str],
+                     progress: Progress | None = None, chunk: int = 512) -> np.ndarray:
+    """Vectors of ``texts`` (input order), encoding only those the cache lacks, in chunks
+    that are stored as they finish so an interrupted run resumes where it stopped."""
+    keys = [text_key(t) for t in texts]
+    rows = cache.rows_of(keys)
+    todo = list({keys[i]: i for i, row in enumerate(rows) if row < 0}.values())
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        cache.put([keys[i] for i in part], encoder.encode([texts[i] for i in part], batch_size=32))
+        if progress is not None:
+            progress(f"  encoded {min(start + chunk, len(todo))}/{len(todo)} new texts")
+    return cache.gather(cache.rows_of(keys)) if keys else np.zeros((0, encoder.dim), np.float32)
 
 
 @dataclass
@@ -139,33 +164,29 @@ class MethodResult:
 class Evaluation:
     """Runs the pipeline; each step is a method so tests can drive parts of it."""
 
-    def __init__(self, config: EvaluationConfig, encode: Encode | None = None,
-                 progress: Progress | None = None, embedding_cache: str | None = None,
-                 encoder_identity: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: EvaluationConfig, encoder: Any, progress: Progress | None = None,
+                 cache: InteractionEmbeddingCache | str | None | bool = None) -> None:
+        """``encoder`` has ``encode(texts, batch_size)``, ``fingerprint`` and ``dim`` (an
+        :class:`persona4rec.encoder.Encoder`); ``cache`` is the interaction-embedding
+        cache (a directory, None for the per-user default, False for memory only)."""
         self.config = config
-        self._encode = encode
-        self.encoder_identity = encoder_identity
+        self.encoder = encoder
         self.progress = progress or (lambda message: None)
-        self.embedding_cache = embedding_cache
         self.timings: dict[str, float] = {}
         self.results: list[MethodResult] = []
         self.choices: dict[str, Any] = {}
         self._t0 = time.perf_counter()
+        self.profiler = UserProfiler(encoder, cache=cache, k=config.profile_k, gamma=config.profile_gamma,
+                                     min_rating=config.profile_min_rating, template=ReviewTextTemplate())
+        # Users whose every review is rated below min_rating still get a profile: from all of them.
+        self.fallback_profiler = UserProfiler(encoder, cache=self.profiler.cache, k=config.profile_k,
+                                              gamma=config.profile_gamma, min_rating=None,
+                                              template=ReviewTextTemplate())
 
     # ---------------------------------------------------------------- helpers
     def _step(self, name: str, started: float) -> None:
         self.timings[name] = round(time.perf_counter() - started, 2)
         self.progress(f"[{time.perf_counter() - self._t0:6.1f}s] {name} done in {self.timings[name]:.1f}s")
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        if self._encode is None:
-            raise RuntimeError("no encoder was given")
-        if self.embedding_cache is None:
-            return np.asarray(self._encode(texts), dtype=np.float32)
-        from persona4rec.evaluation.embedding_store import EmbeddingStore
-
-        identity = json.dumps(self.encoder_identity or {"encode": repr(self._encode)}, sort_keys=True)
-        return EmbeddingStore(self.embedding_cache, identity).encode(texts, self._encode, progress=self.progress)
 
     # ------------------------------------------------------------------- data
     def load(self, reviews: ReviewTable | None = None, items: ItemTable | None = None) -> Prepared:
@@ -189,12 +210,16 @@ class Evaluation:
         started = time.perf_counter()
         d = self.data
         self.encoded_rows = np.sort(np.concatenate([d.split.train, d.split.valid]))
-        texts = review_texts(d, self.encoded_rows, self.config.text_template)
-        self.progress(f"encoding {len(texts)} train+validation reviews and {len(d.item_ids)} item titles")
-        vectors = self.encode(texts + [d.item_title(i) for i in range(len(d.item_ids))])
+        self.texts = np.empty(len(d.reviews), dtype=object)
+        self.texts[self.encoded_rows] = review_texts(d, self.encoded_rows)
+        titles = [d.item_title(i) for i in range(len(d.item_ids))]
+        self.progress(f"encoding {len(self.encoded_rows)} train+validation reviews and {len(titles)} item titles "
+                      f"({len(self.profiler.cache)} texts already cached)")
+        vectors = embed_with_cache(self.encoder, self.profiler.cache, list(self.texts[self.encoded_rows]) + titles,
+                                   self.progress)
         self.review_vectors = np.zeros((len(d.reviews), vectors.shape[1]), dtype=np.float32)
-        self.review_vectors[self.encoded_rows] = vectors[:len(texts)]
-        self.title_vectors = vectors[len(texts):]
+        self.review_vectors[self.encoded_rows] = vectors[:len(self.encoded_rows)]
+        self.title_vectors = vectors[len(self.encoded_rows):]
         self._step("encode", started)
 
     def build_item_side(self) -> None:
@@ -229,12 +254,38 @@ class Evaluation:
         valid_row = dict(zip(d.eval_users.tolist(), d.split.valid.tolist()))
         self.test_history_rows = [np.append(h, valid_row[int(u)]) for h, u in zip(self.valid_history_rows, d.eval_users)]
         self.valid_profiles = self.profiles(self.valid_history_rows)
+        fallbacks = {"valid": self.profile_fallbacks}
         self.test_profiles = self.profiles(self.test_history_rows)
+        fallbacks["test"] = self.profile_fallbacks
+        self.choices["profile"] = {"k": self.config.profile_k, "gamma": self.config.profile_gamma,
+                                   "min_rating": self.config.profile_min_rating,
+                                   "users_without_a_review_at_min_rating_profiled_from_all": fallbacks}
         self._step("user profiles", started)
 
+    def history(self, rows: np.ndarray) -> list[Interaction]:
+        """A user's history as the profiler takes it: oldest first, in the split's order."""
+        d = self.data
+        return [Interaction(self.texts[r], float(d.reviews.rating[r]), None, d.item_ids[int(d.review_item[r])])
+                for r in rows]
+
+    def profile(self, rows: np.ndarray) -> np.ndarray:
+        """One user's profile (the online path: cache lookups and a weighted mean)."""
+        history = self.history(rows)
+        try:
+            return self.profiler.profile(history)
+        except EmptyHistoryError:
+            return self.fallback_profiler.profile(history)
+
     def profiles(self, history_rows: list[np.ndarray]) -> np.ndarray:
-        c = self.config
-        return profile_vectors(history_rows, lambda rows: self.review_vectors[rows], c.profile_gamma, c.profile_k)
+        histories = [self.history(rows) for rows in history_rows]
+        batch = self.profiler.profile_many(histories)
+        out = np.zeros((len(histories), self.encoder.dim), dtype=np.float32)
+        out[batch.positions] = batch.vectors
+        if len(batch.empty_positions):
+            fallback = self.fallback_profiler.profile_many([histories[i] for i in batch.empty_positions])
+            out[batch.empty_positions[fallback.positions]] = fallback.vectors
+        self.profile_fallbacks = int(len(batch.empty_positions))
+        return out
 
     def build_indexes(self) -> None:
         started = time.perf_counter()
@@ -401,7 +452,7 @@ class Evaluation:
             return matrix[seen].sum(axis=0, dtype=np.float64)
 
         def profile(pos: int) -> np.ndarray:
-            return self.profiles([self.test_history_rows[pos]])[0]
+            return self.profile(self.test_history_rows[pos])
 
         def run_cf(name: str) -> Callable[[int], Any]:
             def f(pos: int) -> Any:
@@ -486,15 +537,17 @@ class Evaluation:
         methods = []
         per_user: dict[str, dict[str, np.ndarray]] = {}
         for r in self.results:
-            key = f"{r.name} | {r.setting}"
+            key = f"{r.name} [{r.setting}]"
             test_metrics = per_user_metrics(r.test_ranks, c.cutoffs)
             valid_metrics = per_user_metrics(r.valid_ranks, c.cutoffs)
             per_user[key] = test_metrics
             entry: dict[str, Any] = {"method": r.name, "setting": r.setting, "params": r.params, "test": {},
                                      "valid": {m: round(float(v.mean()), 5) for m, v in valid_metrics.items()}}
             for m, values in test_metrics.items():
-                mean, low, high = bootstrap_ci(values, c.n_bootstrap, seed=c.seed)
-                entry["test"][m] = {"mean": round(mean, 5), "ci95": [round(low, 5), round(high, 5)]}
+                entry["test"][m] = {"mean": round(float(values.mean()), 5)}
+                if m in CI_METRICS:
+                    _, low, high = bootstrap_ci(values, c.n_bootstrap, seed=c.seed)
+                    entry["test"][m]["ci95"] = [round(low, 5), round(high, 5)]
             methods.append(entry)
         users_train = np.diff(d.train_matrix.indptr)[d.eval_users]
         item_pop = np.asarray(d.train_matrix.sum(axis=0)).ravel()
@@ -512,13 +565,13 @@ class Evaluation:
         scenarios = {g: {"users": int(mask.sum()),
                          "ndcg@10": {k: round(float(v["NDCG@10"][mask].mean()), 5) for k, v in per_user.items()}}
                      for g, mask in groups.items()}
-        full_first = f"{self.first_stage} | full"
-        comparisons = [("persona max-sim | full", "dense single-vector | full"),
-                       ("review max-sim | full", "dense single-vector | full"),
-                       (f"fused persona + {self.first_stage} | full", full_first)]
+        full_first = f"{self.first_stage} [full]"
+        comparisons = [("persona max-sim [full]", "dense single-vector [full]"),
+                       ("review max-sim [full]", "dense single-vector [full]"),
+                       (f"fused persona + {self.first_stage} [full]", full_first)]
         for n in c.candidate_sizes:
-            comparisons.append((f"persona max-sim rerank | rerank@{n}", f"dense single-vector rerank | rerank@{n}"))
-            comparisons.append((f"fused persona + {self.first_stage} | rerank@{n}", full_first))
+            comparisons.append((f"persona max-sim rerank [rerank@{n}]", f"dense single-vector rerank [rerank@{n}]"))
+            comparisons.append((f"fused persona + {self.first_stage} [rerank@{n}]", full_first))
         pvalues = []
         for a, b in comparisons:
             x, y = per_user[a]["NDCG@10"], per_user[b]["NDCG@10"]
@@ -529,7 +582,7 @@ class Evaluation:
         return {
             "version": 1,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()},
-            "encoder": self.encoder_identity,
+            "encoder": getattr(self.encoder, "identity", {"fingerprint": self.encoder.fingerprint}),
             "dataset": self.dataset_stats,
             "protocol": {"split": d.split.describe(), "tie_break": d.split.tie_break, "seed": d.split.seed,
                          "selection": "every choice on validation NDCG@10; test reported once",
@@ -561,23 +614,6 @@ class Evaluation:
         report = self.summarise()
         report["timings_s"]["total"] = round(time.perf_counter() - self._t0, 1)
         return report
-
-
-def profile_vectors(history_rows: Sequence[np.ndarray], row_vectors: Callable[[np.ndarray], np.ndarray],
-                    gamma: float, k: int) -> np.ndarray:
-    """User vectors: recency-weighted mean of the last ``k`` history embeddings (newest weight 1,
-    then ``gamma``, ``gamma**2``...), L2-normalised. ``history_rows[u]`` is oldest first."""
-    out = np.zeros((len(history_rows), 0), dtype=np.float32)
-    rows_list = []
-    for rows in history_rows:
-        last = np.asarray(rows, dtype=np.int64)[-k:]
-        vectors = np.asarray(row_vectors(last), dtype=np.float64)
-        weights = gamma ** np.arange(len(last) - 1, -1, -1, dtype=np.float64)
-        v = weights @ vectors
-        rows_list.append(v / max(float(np.linalg.norm(v)), 1e-12))
-    if rows_list:
-        out = np.asarray(rows_list, dtype=np.float32)
-    return out
 
 
 def make_index(personas: PersonaSet) -> Any:
