@@ -303,7 +303,8 @@ def test_packaged_model_uses_its_cached_export(isolated: Path, monkeypatch, tmp_
 def test_packaged_model_export_without_export_extra(isolated: Path, monkeypatch, tmp_path: Path) -> None:
     source = tmp_path / "pkg_model"
     source.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
+        (source / name).parent.mkdir(exist_ok=True)
         (source / name).write_text("{}")
     monkeypatch.setattr(encoder_module, "packaged_model_source", lambda: source)
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # import fails as if absent

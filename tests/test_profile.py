@@ -324,7 +324,7 @@ AMAZON_RECORD = {
         "category_preference": "Historical Fiction",
         "category_preference_reason": "mentions history",
         "purchase_purpose": None,
-        "quality_criteria": "Engagement, Emotional Impact",
+        "quality_criteria": "Engagement, Emotional Impact.",
         "usage_context": "None",
     },
     "timestamp": 1606780947726,
@@ -335,8 +335,8 @@ AMAZON_RECORD = {
 def test_amazon_template() -> None:
     x = get_template("amazon")(AMAZON_RECORD)
     assert x.text == (
-        "A post-war novel about friendship across class lines.\n"
-        "Category preference: Historical Fiction. Quality criteria: Engagement, Emotional Impact."
+        "Category preference: Historical Fiction. Quality criteria: Engagement, Emotional Impact.\n"
+        "A post-war novel about friendship across class lines."
     )
     assert (x.rating, x.timestamp, x.item_id) == (4.0, 1606780947726.0, "B1")
 

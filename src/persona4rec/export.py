@@ -202,6 +202,11 @@ def export_encoder(
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     _check_source(src)
+    if pooling is None and not (src / POOLING_FILE).is_file():
+        raise FileNotFoundError(
+            f"{src} has no {POOLING_FILE} (not a sentence-transformers model); pass the pooling "
+            f"explicitly, one of {', '.join(SUPPORTED_POOLING)} (--pooling on the command line)."
+        )
     if not 0.0 < min_int8_cosine <= 1.0:
         raise ValueError(f"min_int8_cosine must be in (0, 1], got {min_int8_cosine!r}")
     _require_export_deps()
@@ -214,15 +219,19 @@ def export_encoder(
         shutil.rmtree(staging)
     try:
         log.info("exporting %s to ONNX", src)
-        main_export(
-            str(src),
-            output=staging,
-            task="feature-extraction",
-            library_name="transformers",  # token embeddings out; we pool ourselves
-            opset=opset,
-            device="cpu",
-            local_files_only=True,
-        )
+        with warnings.catch_warnings():
+            # torch's tracer and legacy-exporter notices are about optimum's internals, not the user's model
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*registered as constants in the trace.*")
+            main_export(
+                str(src),
+                output=staging,
+                task="feature-extraction",
+                library_name="transformers",  # token embeddings out; we pool ourselves
+                opset=opset,
+                device="cpu",
+                local_files_only=True,
+            )
         shutil.copyfile(src / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         if (src / "sentence_bert_config.json").is_file():
             shutil.copyfile(src / "sentence_bert_config.json", staging / "sentence_bert_config.json")

@@ -126,14 +126,17 @@ def _label(field: str) -> str:
 
 @dataclass(frozen=True)
 class AspectSummaryTemplate:
-    """Persona4Rec history records (``3.5_history*.jsonl``): item summary, then the
-    user's extracted aspects as ``Label: value.`` sentences (``*_reason`` fields are
-    left out: they explain the extraction, not the user).
+    """Persona4Rec history records (``3.5_history*.jsonl``): the user's extracted
+    aspects as ``Label: value.`` sentences, then the item summary. ``*_reason`` fields
+    are left out (they explain the extraction, not the user). Aspects come first so
+    that truncation at the encoder's max length (256 tokens for all-MiniLM-L6-v2)
+    cuts the generic item summary, never the user's own signal: Yelp summaries run
+    to 200+ words.
 
     Rendered text::
 
-        {summary}
         Category preference: Historical fiction. Quality criteria: Engagement.
+        {summary}
 
     A record with neither summary nor aspects falls back to ``review_title`` and
     ``review_text``. ``aspect_fields=None`` uses every non-reason field, sorted.
@@ -150,17 +153,17 @@ class AspectSummaryTemplate:
 
     def render(self, record: Mapping[str, Any]) -> str:
         parts = []
-        summary = _clean(record.get(self.summary_field))
-        if summary:
-            parts.append(summary)
         aspects = record.get(self.aspects_field)
         if isinstance(aspects, Mapping):
             fields = self.aspect_fields or tuple(sorted(k for k in aspects if not k.endswith("_reason")))
-            sentences = [f"{_label(f)}: {v}." for f in fields if (v := _clean(aspects.get(f)))]
+            sentences = [f"{_label(f)}: {v.rstrip('.')}." for f in fields if (v := _clean(aspects.get(f)))]
             if sentences:
                 parts.append(" ".join(sentences))
         elif aspects is not None:
             raise ValueError(f"field {self.aspects_field!r} must be a mapping of aspects, got {type(aspects).__name__}")
+        summary = _clean(record.get(self.summary_field))
+        if summary:
+            parts.append(summary)
         if not parts:
             parts = [p for p in (_clean(record.get(self.title_field)), _clean(record.get(self.text_field))) if p]
             return ". ".join(parts)
