@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "checks.hpp"
+#include "persona4rec/checksum.hpp"
 #include "persona4rec/cpu.hpp"
 #include "persona4rec/maxsim.hpp"
 #include "persona4rec/quantize.hpp"
@@ -84,6 +85,24 @@ uint64_t stream_read_py(const py::object& a_obj) {
   return stream_read(p, n);
 }
 
+uint64_t checksum_py(const py::object& obj, uint64_t seed) {
+  // PyBUF_C_CONTIGUOUS: refuse strided views instead of hashing the wrong bytes.
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    throw py::value_error("checksum64 needs a C-contiguous buffer (bytes, memoryview or numpy array)");
+  }
+  const void* p = view.buf;
+  const std::size_t n = std::size_t(view.len);
+  uint64_t out;
+  {
+    py::gil_scoped_release release;
+    out = checksum64(p, n, seed);
+  }
+  PyBuffer_Release(&view);
+  return out;
+}
+
 }  // namespace
 
 void register_kernels(py::module_& m) {
@@ -104,6 +123,9 @@ void register_kernels(py::module_& m) {
   m.def("dot_int8", &dot_int8, py::arg("query"), py::arg("rows"), py::arg("simd") = "",
         "Exact int32 dot products of an int8 query with each int8 row, on the given path "
         "(default: the active one).");
+  m.def("checksum64", &checksum_py, py::arg("buffer"), py::arg("seed") = 0,
+        "64-bit corruption checksum of a contiguous buffer (bytes, memoryview, numpy array); "
+        "any single changed 8-byte word, hence any bit flip, changes it.");
   m.def("stream_read", &stream_read_py, py::arg("array"),
         "Read every byte of a C-contiguous array once (a memory-bandwidth floor for "
         "benchmarks); returns a checksum so the read cannot be optimised away.");

@@ -1,5 +1,5 @@
 // AVX2 path. vpmaddubsw multiplies unsigned by signed bytes; with codes in
-// [-127, 127] we feed it |v| and sign(q, v), whose pairwise sums stay within
+// [-127, 127] we feed it |q| and v * sign(q), whose pairwise sums stay within
 // 2 * 127 * 127 < 32767, so the saturating 16-bit step is exact.
 // Compiled with -mavx2 only; chosen at run time. Plain loops and intrinsics only.
 #include <immintrin.h>
@@ -10,10 +10,10 @@ namespace persona4rec {
 
 namespace {
 
-inline __m256i madd_step(__m256i acc, __m256i q, __m256i v, __m256i ones16) {
-  const __m256i abs_v = _mm256_sign_epi8(v, v);
-  const __m256i q_signed = _mm256_sign_epi8(q, v);
-  const __m256i p16 = _mm256_maddubs_epi16(abs_v, q_signed);
+// abs_q = |q| is shared by every row, so each row costs one sign, one maddubs, one madd:
+// |q| * (v * sign(q)) == q * v, and the pairwise sums stay within 2 * 127 * 127.
+inline __m256i madd_step(__m256i acc, __m256i abs_q, __m256i q, __m256i v, __m256i ones16) {
+  const __m256i p16 = _mm256_maddubs_epi16(abs_q, _mm256_sign_epi8(v, q));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones16));
 }
 
@@ -47,10 +47,11 @@ void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     for (std::size_t j = 0; j < body; j += 32) {
       const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j));
-      a0 = madd_step(a0, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j)), ones16);
-      a1 = madd_step(a1, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j)), ones16);
-      a2 = madd_step(a2, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v2 + j)), ones16);
-      a3 = madd_step(a3, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v3 + j)), ones16);
+      const __m256i aq = _mm256_abs_epi8(qv);
+      a0 = madd_step(a0, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j)), ones16);
+      a1 = madd_step(a1, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j)), ones16);
+      a2 = madd_step(a2, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v2 + j)), ones16);
+      a3 = madd_step(a3, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v3 + j)), ones16);
     }
     out[r + 0] = hsum(a0) + tail_dot(q, v0, body, d);
     out[r + 1] = hsum(a1) + tail_dot(q, v1, body, d);
@@ -62,7 +63,7 @@ void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
     __m256i a = _mm256_setzero_si256();
     for (std::size_t j = 0; j < body; j += 32) {
       const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j));
-      a = madd_step(a, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)), ones16);
+      a = madd_step(a, _mm256_abs_epi8(qv), qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)), ones16);
     }
     out[r] = hsum(a) + tail_dot(q, v, body, d);
   }
