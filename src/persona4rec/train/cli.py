@@ -11,8 +11,8 @@ def register(sub) -> None:
         "train-adapter",
         help="train the numpy user-persona adapter on a dataset's training split; evaluate it against no training",
         description=(
-            "Embed the dataset's reviews with the project's encoder, build item personas from training reviews, "
-            "train adapter variants with early stopping on validation NDCG@10, and report test NDCG@10 / HR@10 "
+            "Run the evaluation harness's data steps (split, cached embeddings, personas from train reviews, "
+            "user profiles), train adapter variants with early stopping on validation NDCG@10, and report test NDCG@10 / HR@10 "
             "(bootstrap CIs, paired p-values against no training) and persona-selection accuracy."
         ),
     )
@@ -21,9 +21,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory: adapters (.npz), run reports, evaluation.json/.md")
     p.add_argument("--tie-break", choices=("random", "file"), default="random",
                    help="order of same-timestamp reviews in the split (default: %(default)s)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the random tie-break")
-    p.add_argument("--personas", choices=("reviews", "mean"), default="reviews",
-                   help="item personas: every training review, or one mean vector per item (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the harness: tie-break, k-means personas, bootstrap (default: %(default)s)")
+    p.add_argument("--personas", default="extractive,reviews",
+                   help="comma-separated persona sets: extractive (k-means, the harness default), reviews (every "
+                        "train review) (default: %(default)s)")
     p.add_argument("--variants", default="adapter,adapter+persona_side,adapter+hard_negatives",
                    help="comma-separated variants to train (from: adapter, adapter+persona_side, "
                         "adapter+hard_negatives); 'none' is always evaluated")
@@ -38,14 +40,28 @@ def register(sub) -> None:
     p.add_argument("--no-mask-same-user", action="store_true", help="keep in-batch negatives of the same user")
     p.add_argument("--no-mask-same-item", action="store_true", help="keep in-batch negatives of the same item")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: the package cache)/embeddings")
+    p.add_argument("--embedding-cache", default=None,
+                   help="interaction-embedding cache folder (default: the per-user one of persona4rec.profile)")
+    p.add_argument("--read-only-cache", action="store_true",
+                   help="open the cache read-only (share it with a running job; new vectors stay in memory)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for encoding (0 = all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import sys
+
+    from persona4rec.encoder import load_default_encoder
+    from persona4rec.evaluation.runner import EvaluationConfig
     from persona4rec.train.adapter import AdapterConfig
-    from persona4rec.train.experiment import DEFAULT_VARIANTS, prepare_data, run_experiment
+    from persona4rec.train.experiment import (
+        DEFAULT_VARIANTS,
+        PERSONA_KINDS,
+        format_table,
+        prepare_evaluation,
+        run_experiment,
+    )
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in DEFAULT_VARIANTS]
@@ -60,12 +76,29 @@ def run(args) -> int:
         config.validate()
     except ValueError as exc:
         raise SystemExit(f"train-adapter: {exc}") from exc
-    data = prepare_data(args.dataset, data_dir=args.data_dir, tie_break=args.tie_break, seed=args.split_seed,
-                        cache_dir=args.cache_dir, progress=not args.no_progress)
-    summary = run_experiment(data, persona_kind=args.personas, config=config,
-                             variants={n: DEFAULT_VARIANTS[n] for n in names}, out_dir=args.out,
-                             progress=not args.no_progress)
-    from persona4rec.train.experiment import format_table
+    kinds = [k.strip() for k in args.personas.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in PERSONA_KINDS]
+    if bad or not kinds:
+        raise SystemExit(f"train-adapter: unknown persona set(s) {bad}; known: {list(PERSONA_KINDS)}")
 
-    print(format_table(summary), end="")
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    eval_config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, tie_break=args.tie_break,
+                                   seed=args.split_seed)
+    encoder = load_default_encoder(intra_op_threads=args.threads)
+    cache = args.embedding_cache
+    if args.read_only_cache:
+        from pathlib import Path
+
+        from persona4rec.encoder import default_cache_dir
+        from persona4rec.profile import InteractionEmbeddingCache
+
+        folder = Path(cache) if cache else default_cache_dir() / "interactions" / encoder.fingerprint
+        cache = InteractionEmbeddingCache(folder, fingerprint=encoder.fingerprint, dim=encoder.dim, read_only=True)
+    ev = prepare_evaluation(eval_config, encoder, cache=cache, progress=say)
+    for kind in kinds:
+        summary = run_experiment(ev, persona_kind=kind, config=config, variants={n: DEFAULT_VARIANTS[n] for n in names},
+                                 out_dir=args.out, progress=not args.no_progress, say=say)
+        print(format_table(summary))
     return 0

@@ -1,287 +1,46 @@
-"""Measured comparison of alignment methods on a review dataset with a leave-one-out split.
+"""Measured comparison of alignment training against no training, on the evaluation harness.
 
-Protocol (see docs/training.md):
+Everything except the training itself is the harness's (:mod:`persona4rec.evaluation.runner`):
+the load, dedupe, k-core and leave-one-out split by time, the review texts and their
+cached embeddings (train and validation reviews only; test reviews are never encoded),
+the item personas built from train reviews only (extractive k-means personas, and "every
+train review is a persona"), the user profiles of :class:`persona4rec.profile.UserProfiler`
+(recency-weighted mean of the last k reviews), full-catalog ranking with the user's
+history excluded through :class:`persona4rec.PersonaIndex` (int8 max-sim), and the
+metrics, bootstrap intervals and paired p-values.
 
-* reviews are deduplicated and split per user by time (last = test, second to last =
-  validation, rest = train) by :mod:`persona4rec.data`;
-* every review is embedded (``summary. text``) with the project's ONNX encoder; the
-  vectors are cached on disk keyed by the encoder's identity and the texts;
-* item personas are built from **training** reviews only: ``reviews`` (every training
-  review of the item is one persona vector), or ``mean`` (one vector per item); an item
-  without a training review gets its title embedding;
-* a user profile is the normalised mean of the user's review vectors before the target
-  (validation target: train reviews; test target: train + validation reviews);
-* an item's score is the best cosine between the (mapped) profile and its (mapped)
-  personas; all items the user has seen are excluded; ranks and NDCG@10 / HR@10 come from
-  :mod:`persona4rec.evaluation.metrics`, confidence intervals and paired p-values from
-  :mod:`persona4rec.evaluation.stats`;
-* training pairs come only from training interactions: the profile of the user's train
-  reviews strictly earlier than the target, and the review-grounded positive (the target
-  item's persona nearest to the user's own review, the review itself excluded);
-* early stopping uses validation NDCG@10; test is touched once per variant, at the end.
+What this module adds:
+
+* **training pairs** from training interactions only: for each user's train reviews in
+  the split's chronological order, the target is review j >= 1, the profile is the
+  profiler's profile of reviews 0..j-1, and the positive persona is review-grounded: the
+  target item's persona nearest to the user's own review of it (when every review is a
+  persona, the user's own review is left out of its item's personas for that pair, as a
+  label and as a hard negative);
+* **early stopping** on validation NDCG@10 (full ranking; validation targets never make
+  pairs);
+* **persona-selection accuracy** on held-out pairs: the validation interactions
+  (profile from train reviews, label from the validation review), which are used neither
+  for training nor for early stopping;
+* test NDCG@10 / HR@10 of each trained variant against no training (the identity
+  adapter through the very same code path).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from persona4rec.train.adapter import Adapter, AdapterConfig, train_adapter
 from persona4rec.train.pairs import TrainingPairs, review_grounded_selection
 
-PERSONA_KINDS = ("reviews", "mean")
-EMBEDDING_CACHE_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------
-# data preparation
-
-
-@dataclass
-class AlignmentData:
-    """Everything the experiment needs, in dense indices."""
-
-    user: np.ndarray  # (N,) user index of each review
-    item: np.ndarray  # (N,) item index
-    timestamp: np.ndarray  # (N,) float seconds
-    review_vecs: np.ndarray  # (N, d) float32, unit rows
-    title_vecs: np.ndarray  # (I, d) float32, unit rows
-    train: np.ndarray  # review rows
-    valid: np.ndarray  # one per evaluated user
-    test: np.ndarray  # aligned with valid (same user at the same position)
-    n_users: int
-    n_items: int
-    split_desc: str
-
-    @property
-    def dim(self) -> int:
-        return int(self.review_vecs.shape[1])
-
-
-def review_texts(table) -> list[str]:
-    """``summary. text`` per review (either part may be empty)."""
-    out = []
-    for title, text in zip(table.title, table.text):
-        title, text = str(title or "").strip(), str(text or "").strip()
-        out.append(f"{title}. {text}" if title and text else (title or text))
-    return out
-
-
-def cached_embeddings(texts: Sequence[str], encode: Callable[[list[str]], np.ndarray], key: dict[str, Any],
-                      cache_dir: str | os.PathLike | None) -> np.ndarray:
-    """``encode(texts)``, cached as ``.npy`` under ``cache_dir`` keyed by ``key`` and the texts."""
-    digest = hashlib.sha256(json.dumps({"v": EMBEDDING_CACHE_VERSION, "key": key}, sort_keys=True).encode())
-    for t in texts:
-        digest.update(t.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
-    name = f"emb-{digest.hexdigest()[:24]}.npy"
-    if cache_dir is not None:
-        path = Path(cache_dir) / name
-        if path.is_file():
-            vecs = np.load(path, allow_pickle=False)
-            if vecs.shape[0] == len(texts):
-                return vecs
-    vecs = np.ascontiguousarray(encode(list(texts)), dtype=np.float32)
-    if vecs.shape[0] != len(texts) or not np.all(np.isfinite(vecs)):
-        raise ValueError("encoder returned a wrong number of rows or non-finite values")
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_dir) / (name + ".tmp.npy")
-        np.save(tmp, vecs)
-        os.replace(tmp, Path(cache_dir) / name)
-    return vecs
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def prepare_data(dataset: str = "amazon-mi-5core", *, data_dir=None, tie_break: str = "random", seed: int = 0,
-                 encoder=None, cache_dir=None, progress: bool = False) -> AlignmentData:
-    """Load, dedupe and split ``dataset``; embed reviews and item titles (cached)."""
-    from persona4rec.data import dedupe_keep_latest, leave_one_out_split, load_dataset
-
-    reviews, items = load_dataset(dataset, data_dir=data_dir, download=False)
-    reviews = dedupe_keep_latest(reviews)
-    split = leave_one_out_split(reviews, tie_break=tie_break, seed=seed)
-    users, user = np.unique(reviews.user.astype(str), return_inverse=True)
-    item_ids, item = np.unique(reviews.item.astype(str), return_inverse=True)
-    if encoder is None:
-        from persona4rec.encoder import load_default_encoder
-
-        encoder = load_default_encoder(intra_op_threads=0)
-    ident = getattr(encoder, "identity", None)
-    key = (ident() if callable(ident) else ident) or {"encoder": repr(encoder)}
-    if cache_dir is None:
-        from persona4rec.data import cache_dir as default_cache
-
-        cache_dir = default_cache() / "embeddings"
-    texts = review_texts(reviews)
-    t0 = time.perf_counter()
-    review_vecs = _unit(cached_embeddings(texts, encoder.encode, key, cache_dir))
-    titles = [items.title_of(i, "") if items is not None else "" for i in item_ids]
-    title_vecs = _unit(cached_embeddings(titles, encoder.encode, key, cache_dir))
-    if progress:
-        print(f"embedded {len(texts)} reviews and {len(titles)} titles in {time.perf_counter() - t0:.1f}s")
-    return AlignmentData(
-        user=user.astype(np.int64), item=item.astype(np.int64), timestamp=np.asarray(reviews.timestamp, np.float64),
-        review_vecs=review_vecs, title_vecs=title_vecs, train=np.asarray(split.train), valid=np.asarray(split.valid),
-        test=np.asarray(split.test), n_users=len(users), n_items=len(item_ids), split_desc=split.describe(),
-    )
-
-
-@dataclass
-class PersonaBank:
-    vectors: np.ndarray  # (P, d) unit rows
-    item_ptr: np.ndarray  # (I + 1,)
-    source_review: np.ndarray  # (P,) review row the persona is, or -1
-    kind: str
-
-
-def build_personas(data: AlignmentData, kind: str = "reviews") -> PersonaBank:
-    """Item personas from training reviews only (title embedding when an item has none)."""
-    if kind not in PERSONA_KINDS:
-        raise ValueError(f"persona kind must be one of {PERSONA_KINDS}, got {kind!r}")
-    rows = np.sort(data.train)
-    order = rows[np.argsort(data.item[rows], kind="stable")]
-    counts = np.bincount(data.item[order], minlength=data.n_items)
-    vecs, src, ptr = [], [], [0]
-    start = 0
-    for it in range(data.n_items):
-        mine = order[start : start + counts[it]]
-        start += counts[it]
-        if len(mine) == 0:
-            vecs.append(data.title_vecs[it][None])
-            src.append(np.array([-1]))
-        elif kind == "reviews":
-            vecs.append(data.review_vecs[mine])
-            src.append(mine)
-        else:
-            vecs.append(_unit(data.review_vecs[mine].mean(axis=0))[None])
-            src.append(np.array([-1]))
-        ptr.append(ptr[-1] + len(vecs[-1]))
-    return PersonaBank(np.concatenate(vecs).astype(np.float32), np.asarray(ptr, np.int64),
-                       np.concatenate(src).astype(np.int64), kind)
-
-
-def user_profiles(data: AlignmentData, rows: np.ndarray) -> np.ndarray:
-    """(U, d) normalised mean of each user's review vectors in ``rows`` (zeros without any)."""
-    sums = np.zeros((data.n_users, data.dim), np.float64)
-    np.add.at(sums, data.user[rows], data.review_vecs[rows])
-    return _unit(sums)
-
-
-def training_pairs(data: AlignmentData, bank: PersonaBank, rows: np.ndarray | None = None) -> TrainingPairs:
-    """Pairs from training interactions: (profile of strictly earlier train reviews, review-grounded persona)."""
-    rows = np.asarray(data.train if rows is None else rows)
-    order = rows[np.lexsort((data.timestamp[rows], data.user[rows]))]
-    prof = np.zeros((len(order), data.dim), np.float64)
-    has_history = np.zeros(len(order), bool)
-    running = np.zeros(data.dim, np.float64)
-    i = 0
-    while i < len(order):  # one group of equal (user, timestamp) at a time
-        u, t = data.user[order[i]], data.timestamp[order[i]]
-        if i == 0 or data.user[order[i - 1]] != u:
-            running[:] = 0.0
-            count = 0
-        j = i
-        while j < len(order) and data.user[order[j]] == u and data.timestamp[order[j]] == t:
-            j += 1
-        if count > 0:
-            prof[i:j] = running
-            has_history[i:j] = True
-        running += data.review_vecs[order[i:j]].sum(axis=0)
-        count += j - i
-        i = j
-    keep = order[has_history]
-    prof = _unit(prof[has_history])
-    # the persona that is the user's own review (``reviews`` banks) is left out
-    own = _own_persona_rows(bank, keep)
-    pos, _ = review_grounded_selection(data.review_vecs[keep], data.item[keep], bank.vectors, bank.item_ptr, exclude=own)
-    ok = pos >= 0
-    return TrainingPairs.from_persona_bank(
-        prof[ok], bank.vectors, bank.item_ptr, data.item[keep][ok], pos[ok], user_ids=data.user[keep][ok],
-        exclude=own[ok], max_hard_negatives=32,
-    )
-
-
-def _own_persona_rows(bank: PersonaBank, review_rows: np.ndarray) -> np.ndarray:
-    lookup = np.full(int(max(bank.source_review.max(), review_rows.max(initial=0))) + 1, -1, np.int64)
-    has = bank.source_review >= 0
-    lookup[bank.source_review[has]] = np.flatnonzero(has)
-    return lookup[review_rows]
-
-
-@dataclass
-class HeldOutSelection:
-    """Persona-selection targets of held-out interactions (labels from the held-out review)."""
-
-    profiles: np.ndarray  # (n, d) profile from the history before the target
-    items: np.ndarray  # (n,) target item
-    positive: np.ndarray  # (n,) bank row of the review-grounded persona
-
-    def accuracy(self, adapter: Adapter, bank: "PersonaBank") -> float:
-        """Share of targets (items with >= 2 personas) whose positive persona ranks first (ties fail)."""
-        u = adapter.apply(self.profiles)
-        p = adapter.apply_persona(bank.vectors)
-        hits, count = 0, 0
-        for k in range(len(self.items)):
-            lo, hi = bank.item_ptr[self.items[k]], bank.item_ptr[self.items[k] + 1]
-            if hi - lo < 2:
-                continue
-            s = p[lo:hi] @ u[k]
-            pos = self.positive[k] - lo
-            others = np.delete(s, pos)
-            hits += int(s[pos] > others.max())
-            count += 1
-        return hits / count if count else float("nan")
-
-
-def heldout_selection(data: AlignmentData, bank: PersonaBank, target_rows: np.ndarray,
-                      history_rows: np.ndarray) -> HeldOutSelection:
-    prof = user_profiles(data, history_rows)[data.user[target_rows]]
-    pos, _ = review_grounded_selection(data.review_vecs[target_rows], data.item[target_rows], bank.vectors, bank.item_ptr)
-    return HeldOutSelection(prof, data.item[target_rows], pos)
-
-
-# --------------------------------------------------------------------------------------
-# ranking
-
-
-def rank_targets(data: AlignmentData, bank: PersonaBank, adapter: Adapter, target_rows: np.ndarray,
-                 history_rows: np.ndarray) -> np.ndarray:
-    """1-based rank of each target item among all items unseen in the user's history."""
-    from persona4rec.evaluation.metrics import ranks_from_scores
-
-    users = data.user[target_rows]
-    prof = adapter.apply(user_profiles(data, history_rows)[users])
-    personas = adapter.apply_persona(bank.vectors)
-    sims = prof @ personas.T
-    scores = np.maximum.reduceat(sims, bank.item_ptr[:-1], axis=1).astype(np.float64)
-    seen_pos = {u: k for k, u in enumerate(users)}
-    hist_users = data.user[history_rows]
-    sel = np.isin(hist_users, users)
-    rows = np.array([seen_pos[u] for u in hist_users[sel]], np.int64)
-    scores[rows, data.item[history_rows][sel]] = -np.inf
-    return ranks_from_scores(scores, data.item[target_rows])
-
-
-def ndcg_at(ranks: np.ndarray, k: int = 10) -> float:
-    from persona4rec.evaluation.metrics import ndcg
-
-    return float(np.mean(ndcg(ranks, k)))
-
-
-# --------------------------------------------------------------------------------------
-# the experiment
-
+PERSONA_KINDS = ("extractive", "reviews")
 
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "adapter": {},
@@ -290,89 +49,217 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_experiment(data: AlignmentData, *, persona_kind: str = "reviews", config: AdapterConfig | None = None,
+def prepare_evaluation(config=None, encoder=None, *, cache: Any = None, progress: Callable[[str], Any] | None = None):
+    """Run the harness's data steps (load, encode, item side, profiles); returns the Evaluation."""
+    from persona4rec.evaluation.runner import Evaluation, EvaluationConfig
+
+    config = config or EvaluationConfig()
+    if encoder is None:
+        from persona4rec.encoder import load_default_encoder
+
+        encoder = load_default_encoder(intra_op_threads=0)
+    ev = Evaluation(config, encoder, progress=progress, cache=cache)
+    ev.load()
+    ev.encode_texts()
+    ev.build_item_side()
+    ev.build_profiles()
+    return ev
+
+
+def persona_set(ev, kind: str):
+    """(PersonaSet, source review row of each persona or -1) for ``kind``."""
+    if kind not in PERSONA_KINDS:
+        raise ValueError(f"persona kind must be one of {PERSONA_KINDS}, got {kind!r}")
+    if kind == "extractive":
+        ps = ev.personas
+        return ps, np.full(ps.n_personas, -1, np.int64)
+    ps = ev.review_personas
+    train = ev.data.split.train
+    src = np.array([train[c[0]] if len(c) == 1 and ps.support[p] == 1 else -1 for p, c in enumerate(ps.central_reviews)],
+                   np.int64)
+    return ps, src
+
+
+def _own_rows(source: np.ndarray, review_rows: np.ndarray) -> np.ndarray:
+    size = int(max(source.max(initial=-1), review_rows.max(initial=-1))) + 1
+    lookup = np.full(max(size, 1), -1, np.int64)
+    has = source >= 0
+    lookup[source[has]] = np.flatnonzero(has)
+    return lookup[review_rows]
+
+
+def training_histories(ev) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(target rows, history rows before each target) over train reviews in chronological order."""
+    d = ev.data
+    in_train = np.zeros(len(d.reviews), bool)
+    in_train[d.split.train] = True
+    by_user: dict[int, list[int]] = {}
+    for r in d.split.chronological:
+        if in_train[r]:
+            by_user.setdefault(int(d.review_user[r]), []).append(int(r))
+    targets, histories = [], []
+    for rows in by_user.values():
+        for j in range(1, len(rows)):
+            targets.append(rows[j])
+            histories.append(np.asarray(rows[:j], np.int64))
+    return np.asarray(targets, np.int64), histories
+
+
+def training_pairs(ev, kind: str = "extractive", max_hard_negatives: int = 32) -> TrainingPairs:
+    """Review-grounded (profile, persona) pairs from the split's training interactions only."""
+    d = ev.data
+    personas, source = persona_set(ev, kind)
+    targets, histories = training_histories(ev)
+    profiles = ev.profiles(histories)
+    own = _own_rows(source, targets)
+    items = d.review_item[targets]
+    pos, _ = review_grounded_selection(ev.review_vectors[targets], items, personas.vectors, personas.offsets, exclude=own)
+    ok = pos >= 0
+    return TrainingPairs.from_persona_bank(
+        profiles[ok], personas.vectors, personas.offsets, items[ok], pos[ok], user_ids=d.review_user[targets][ok],
+        exclude=own[ok], max_hard_negatives=max_hard_negatives,
+    )
+
+
+@dataclass
+class HeldOutSelection:
+    """Persona-selection targets (labels from the held-out review's nearest persona)."""
+
+    profiles: np.ndarray
+    items: np.ndarray
+    positive: np.ndarray
+
+    def accuracy(self, adapter: Adapter, vectors: np.ndarray, offsets: np.ndarray) -> tuple[float, int, float]:
+        """(accuracy, number of targets whose item has >= 2 personas, chance level) - ties fail."""
+        u = adapter.apply(self.profiles)
+        p = adapter.apply_persona(vectors)
+        hits, count, chance = 0, 0, 0.0
+        for k in range(len(self.items)):
+            lo, hi = int(offsets[self.items[k]]), int(offsets[self.items[k] + 1])
+            if hi - lo < 2 or self.positive[k] < 0:
+                continue
+            s = p[lo:hi] @ u[k]
+            pos = int(self.positive[k]) - lo
+            hits += int(s[pos] > np.delete(s, pos).max())
+            count += 1
+            chance += 1.0 / (hi - lo)
+        if not count:
+            return float("nan"), 0, float("nan")
+        return hits / count, count, chance / count
+
+
+def validation_selection(ev, kind: str) -> HeldOutSelection:
+    d = ev.data
+    personas, _ = persona_set(ev, kind)
+    rows = d.split.valid
+    pos, _ = review_grounded_selection(ev.review_vectors[rows], d.review_item[rows], personas.vectors, personas.offsets)
+    return HeldOutSelection(ev.valid_profiles, d.review_item[rows], pos)
+
+
+def rank_phase(ev, personas, adapter: Adapter, phase: str) -> np.ndarray:
+    """Ranks of the phase's targets under full ranking with the adapter applied on both sides."""
+    from persona4rec.evaluation.metrics import ranks_from_scores
+    from persona4rec.evaluation.runner import index_scores, make_index
+
+    d = ev.data
+    mapped = replace(personas, vectors=adapter.apply_persona(personas.vectors)) if adapter.has_persona_map else personas
+    index = make_index(mapped)
+    if phase == "valid":
+        profiles, history, targets = ev.valid_profiles, d.train_matrix, d.valid_targets
+    elif phase == "test":
+        profiles, history, targets = ev.test_profiles, d.test_history, d.test_targets
+    else:
+        raise ValueError(f"phase must be 'valid' or 'test', got {phase!r}")
+    scores = index_scores(index, adapter.apply(profiles), history, d.eval_users)
+    return ranks_from_scores(scores, targets)
+
+
+def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfig | None = None,
                    variants: dict[str, dict[str, Any]] | None = None, out_dir: str | os.PathLike | None = None,
-                   progress: bool = False, n_boot: int = 2000) -> dict[str, Any]:
-    """Train each variant (early stopping on validation NDCG@10) and compare it on test with no training."""
-    from persona4rec.evaluation.metrics import per_user_metrics
+                   progress: bool = False, say: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Train each variant (early stopping on validation NDCG@10); compare each with no training on test."""
+    from persona4rec.evaluation.metrics import ndcg, per_user_metrics
     from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
 
+    say = say or (lambda message: None)
     base_cfg = config or AdapterConfig()
     variants = DEFAULT_VARIANTS if variants is None else variants
+    n_boot = int(ev.config.n_bootstrap)
     t0 = time.perf_counter()
-    bank = build_personas(data, persona_kind)
-    pairs = training_pairs(data, bank)
-    valid_hist = data.train
-    test_hist = np.concatenate([data.train, data.valid])
-    val_sel = heldout_selection(data, bank, data.valid, valid_hist)
-    test_sel = heldout_selection(data, bank, data.test, test_hist)
-    n_choices = np.diff(bank.item_ptr)[data.item[data.test]]
+    personas, _ = persona_set(ev, persona_kind)
+    pairs = training_pairs(ev, persona_kind)
+    say(f"[{persona_kind}] {len(pairs)} training pairs, {personas.n_personas} personas "
+        f"({time.perf_counter() - t0:.1f}s)")
+    held_out = validation_selection(ev, persona_kind)
 
     def val_ndcg(adapter: Adapter) -> float:
-        return ndcg_at(rank_targets(data, bank, adapter, data.valid, valid_hist), 10)
+        return float(ndcg(rank_phase(ev, personas, adapter, "valid"), 10).mean())
 
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    per_user: dict[str, dict[str, np.ndarray]] = {}
-    runs: list[tuple[str, Adapter, dict[str, Any] | None]] = [("none", Adapter.identity(data.dim), None)]
+    runs: list[tuple[str, Adapter, dict[str, Any] | None]] = [("none", Adapter.identity(ev.encoder.dim), None)]
     for name, overrides in variants.items():
         cfg = replace(base_cfg, **overrides)
         res = train_adapter(pairs, cfg, validate=val_ndcg, progress=progress,
-                            report_path=None if out is None else out / f"{name}.report.json",
+                            report_path=None if out is None else out / f"{persona_kind}-{name}.report.json",
                             extra_report={"validation_metric_name": "val_NDCG@10", "persona_kind": persona_kind,
-                                          "split": data.split_desc})
+                                          "split": ev.data.split.describe()})
         if out is not None:
-            res.adapter.save(out / f"{name}.npz")
+            res.adapter.save(out / f"{persona_kind}-{name}.npz")
+        say(f"[{persona_kind}] {name}: best epoch {res.report['best_epoch']} of {res.report['epochs_run']}, "
+            f"val NDCG@10 {res.report['curve'][0]['val_metric']:.4f} -> {res.report['best_val_metric']:.4f}, "
+            f"{res.report['seconds']:.1f}s")
         runs.append((name, res.adapter, res.report))
+
+    results: dict[str, Any] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
     for name, adapter, report in runs:
-        ranks = rank_targets(data, bank, adapter, data.test, test_hist)
-        m = per_user_metrics(ranks, (10,))
+        m = per_user_metrics(rank_phase(ev, personas, adapter, "test"), (10,))
         per_user[name] = m
-        entry: dict[str, Any] = {
-            "val_NDCG@10": val_ndcg(adapter),
-            "test_persona_selection_accuracy": test_sel.accuracy(adapter, bank),
-            "val_persona_selection_accuracy": val_sel.accuracy(adapter, bank),
-        }
+        acc, n_sel, chance = held_out.accuracy(adapter, personas.vectors, personas.offsets)
+        entry: dict[str, Any] = {"val_NDCG@10": val_ndcg(adapter), "heldout_persona_selection_accuracy": acc}
         for metric in ("NDCG@10", "HR@10"):
-            mean, lo, hi = bootstrap_ci(m[metric], n_resamples=n_boot, seed=0)
+            mean, lo, hi = bootstrap_ci(m[metric], n_resamples=n_boot, seed=ev.config.seed)
             entry[f"test_{metric}"] = {"mean": mean, "ci95": [lo, hi]}
             if name != "none":
-                entry[f"test_{metric}"]["p_vs_none"] = paired_bootstrap_pvalue(m[metric], per_user["none"][metric],
-                                                                                n_resamples=5 * n_boot, seed=0)
+                entry[f"test_{metric}"]["p_vs_none"] = paired_bootstrap_pvalue(
+                    m[metric], per_user["none"][metric], n_resamples=5 * n_boot, seed=ev.config.seed)
         if report is not None:
-            entry["training"] = {k: report[k] for k in ("best_epoch", "epochs_run", "seconds", "best_val_metric")}
+            entry["training"] = {k: report[k] for k in ("best_epoch", "epochs_run", "seconds", "best_val_metric",
+                                                         "stopped_early")}
         results[name] = entry
     chosen = max((n for n in results if n != "none"), key=lambda n: results[n]["val_NDCG@10"], default=None)
     summary = {
-        "split": data.split_desc,
+        "split": ev.data.split.describe(),
         "persona_kind": persona_kind,
         "config": base_cfg.to_dict(),
         "variants": {k: dict(v) for k, v in variants.items()},
         "data": {
-            "users": data.n_users, "items": data.n_items, "reviews": int(len(data.user)), "dim": data.dim,
-            "evaluated_users": int(len(data.test)), "personas": int(len(bank.vectors)),
-            "train_pairs": len(pairs), "test_selection_pairs": int(np.sum(n_choices > 1)),
-            "test_selection_chance": float(np.mean(1.0 / n_choices[n_choices > 1])) if np.any(n_choices > 1) else None,
+            **{k: v for k, v in ev.dataset_stats.items() if k in ("reviews", "users", "items", "train", "valid", "test")},
+            "dim": int(ev.encoder.dim), "personas": int(personas.n_personas), "train_pairs": len(pairs),
+            "heldout_selection_pairs": n_sel, "heldout_selection_chance": chance,
         },
+        "profile": {"k": ev.config.profile_k, "gamma": ev.config.profile_gamma,
+                    "min_rating": ev.config.profile_min_rating},
         "results": results,
         "chosen_on_validation": chosen,
         "seconds": time.perf_counter() - t0,
     }
     if out is not None:
-        (out / "evaluation.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        (out / "evaluation.md").write_text(format_table(summary))
+        (out / f"{persona_kind}-evaluation.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (out / f"{persona_kind}-evaluation.md").write_text(format_table(summary))
     return summary
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    d = summary["data"]
     lines = [
-        f"split: {summary['split']}; personas: {summary['persona_kind']} ({summary['data']['personas']}); "
-        f"train pairs: {summary['data']['train_pairs']}; evaluated users: {summary['data']['evaluated_users']}",
+        f"split: {summary['split']}; personas: {summary['persona_kind']} ({d['personas']}); "
+        f"train pairs: {d['train_pairs']}; evaluated users: {d['test']}",
         "",
         "| variant | val NDCG@10 | test NDCG@10 [95% CI] | p vs none | test HR@10 [95% CI] | p vs none | "
-        "persona-selection acc (test) | best epoch | train s |",
+        "held-out persona selection | best epoch | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["results"].items():
@@ -381,10 +268,11 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {r['val_NDCG@10']:.4f} | {n['mean']:.4f} [{n['ci95'][0]:.4f}, {n['ci95'][1]:.4f}] | "
             f"{n.get('p_vs_none', float('nan')):.3g} | {h['mean']:.4f} [{h['ci95'][0]:.4f}, {h['ci95'][1]:.4f}] | "
-            f"{h.get('p_vs_none', float('nan')):.3g} | {r['test_persona_selection_accuracy']:.3f} | "
-            f"{tr.get('best_epoch', '-')} | {tr.get('seconds', 0):.1f} |"
+            f"{h.get('p_vs_none', float('nan')):.3g} | {r['heldout_persona_selection_accuracy']:.3f} | "
+            f"{tr.get('best_epoch', '-')} | {tr.get('seconds', 0.0):.1f} |"
         )
     lines.append("")
-    lines.append(f"chance persona-selection accuracy (test): {summary['data']['test_selection_chance']}; "
-                 f"variant chosen on validation: {summary['chosen_on_validation']}")
+    lines.append(f"held-out persona selection: {d['heldout_selection_pairs']} validation interactions whose item has "
+                 f">= 2 personas; chance {d['heldout_selection_chance']:.3f}. "
+                 f"Variant chosen on validation: {summary['chosen_on_validation']}.")
     return "\n".join(lines) + "\n"
