@@ -24,6 +24,7 @@ import json
 import math
 import os
 import warnings
+from operator import attrgetter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,7 @@ _META_FILE = "meta.json"
 _KEYS_FILE = "keys.bin"
 _VECTORS_FILE = "vectors.f32"
 _LOCK_FILE = "lock"
+_TEXT_MEMO_LIMIT = 200_000  # texts remembered per process before the memo is dropped
 
 
 def text_key(text: str) -> bytes:
@@ -296,6 +298,7 @@ class InteractionEmbeddingCache:
         self._disk = np.empty((0, dim), dtype=np.float32)
         self._ram = np.empty((64, dim), dtype=np.float32)
         self._ram_rows = 0
+        self._row_by_text: dict[str, int] = {}
         self._lock_fd: int | None = None
         if self.directory is not None:
             self._open()
@@ -394,7 +397,8 @@ class InteractionEmbeddingCache:
         if n_keys:
             keys = np.fromfile(keys_path, dtype=np.uint8, count=n_keys * _KEY_BYTES).reshape(n_keys, _KEY_BYTES)
             self._index = {bytes(k): i for i, k in enumerate(keys)}
-            self._disk = np.memmap(vectors_path, dtype=np.float32, mode="r", shape=(n_keys, self.dim))
+            # A plain ndarray over the mapping: indexing a np.memmap object costs microseconds more.
+            self._disk = np.asarray(np.memmap(vectors_path, dtype=np.float32, mode="r", shape=(n_keys, self.dim)))
 
     def close(self) -> None:
         """Release the writer lock (the object stays readable)."""
@@ -421,12 +425,33 @@ class InteractionEmbeddingCache:
         index = self._index
         return [index.get(k, -1) for k in keys]
 
+    def rows_of_texts(self, texts: Sequence[str]) -> list[int]:
+        """Row of each text, -1 for a miss. Remembers text -> row for texts seen in this
+        process, so a returning user skips hashing (Python caches a str's own hash)."""
+        memo = self._row_by_text
+        rows = [memo.get(t, -1) for t in texts]
+        if -1 in rows:
+            index = self._index
+            if len(memo) > _TEXT_MEMO_LIMIT:
+                memo.clear()
+            for i, row in enumerate(rows):
+                if row < 0:
+                    row = rows[i] = index.get(text_key(texts[i]), -1)
+                    if row >= 0:
+                        memo[texts[i]] = row
+        return rows
+
     def gather(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Vectors at ``rows`` (all must be hits), shape (len(rows), dim)."""
-        rows = np.asarray(rows, dtype=np.int64)
         n_disk = self._disk.shape[0]
-        if rows.size == 0 or rows.max() < n_disk:
-            return np.asarray(self._disk[rows])
+        if len(rows) == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        low, high = min(rows), max(rows)  # on a short list, cheaper than array reductions
+        if high < n_disk:
+            return self._disk.take(rows, axis=0)
+        rows = np.asarray(rows, dtype=np.intp)
+        if low >= n_disk:
+            return self._ram.take(rows - n_disk, axis=0)
         out = np.empty((rows.size, self.dim), dtype=np.float32)
         on_disk = rows < n_disk
         out[on_disk] = self._disk[rows[on_disk]]
@@ -485,6 +510,9 @@ class ProfileBatch:
     vectors: np.ndarray
     positions: np.ndarray
     empty_positions: np.ndarray
+
+
+_timestamp_of = attrgetter("timestamp")
 
 
 class UserProfiler:
@@ -572,13 +600,13 @@ class UserProfiler:
         """
         if isinstance(history, (str, bytes, Mapping)):
             raise TypeError("history must be a sequence of interactions, not a single one; wrap it in a list")
-        interactions = [self._as_interaction(e, i) for i, e in enumerate(history)]
+        interactions = [e if type(e) is Interaction else self._as_interaction(e, i) for i, e in enumerate(history)]
         given = len(interactions)
         if self.min_rating is not None:
             rated = [x for x in interactions if x.rating is None or x.rating >= self.min_rating]
         else:
             rated = interactions
-        usable = [x for x in rated if x.text.strip()]
+        usable = [x for x in rated if x.text and not x.text.isspace()]
         if not usable:
             who = "" if user_id is None else f"user {user_id!r}: "
             raise EmptyHistoryError(
@@ -592,7 +620,7 @@ class UserProfiler:
             )
         timed = sum(x.timestamp is not None for x in usable)
         if timed == len(usable):
-            usable.sort(key=lambda x: x.timestamp)  # stable: ties keep list order
+            usable.sort(key=_timestamp_of)  # stable: ties keep list order
         elif timed:
             raise ValueError(
                 f"{timed} of {len(usable)} interactions have a timestamp; give every interaction one, "
@@ -603,6 +631,12 @@ class UserProfiler:
     # -- profiles
 
     def _finish(self, mean: np.ndarray) -> np.ndarray:
+        if self.transform is None and mean.ndim == 1:
+            # one user, the online path: scalar checks are cheaper than array ones
+            squared = float(mean @ mean)
+            if not math.isfinite(squared) or squared < 1e-24:
+                raise ValueError("the profile is not finite or has zero norm (corrupt cached vectors?)")
+            return mean * np.float32(1.0 / math.sqrt(squared))
         if self.transform is not None:
             transformed = np.asarray(self.transform(mean), dtype=np.float32)
             if transformed.shape != mean.shape:
@@ -617,14 +651,13 @@ class UserProfiler:
 
     def _rows_for(self, texts: list[str]) -> list[int]:
         """Cache rows of ``texts``, encoding (in one call) those not cached yet."""
-        keys = [text_key(t) for t in texts]
-        rows = self.cache.rows_of(keys)
-        missing = [i for i, row in enumerate(rows) if row < 0]
-        if missing:
-            unique = list({keys[i]: i for i in missing}.values())
-            vectors = self.encoder.encode([texts[i] for i in unique], batch_size=self.batch_size)
-            self.cache.put([keys[i] for i in unique], vectors)
-            rows = self.cache.rows_of(keys)
+        rows = self.cache.rows_of_texts(texts)
+        if -1 in rows:
+            missing = {texts[i]: None for i, row in enumerate(rows) if row < 0}  # distinct, in order
+            batch = list(missing)
+            vectors = self.encoder.encode(batch, batch_size=self.batch_size)
+            self.cache.put([text_key(t) for t in batch], vectors)
+            rows = self.cache.rows_of_texts(texts)
         return rows
 
     def profile(self, history: Iterable[HistoryEntry], *, user_id: Any = None) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""Online user-side latency on one thread: a cold user (10 interaction texts of about
+80 words, encoded by fp32 and by int8 ONNX), and a warm user served from the
+interaction-embedding cache (k=10, d=384).
+
+    python -m pytest benchmarks/test_bench_encoder.py -q
+
+Needs the default model (exported into the per-user cache on first use, see
+docs/encoder.md); skipped otherwise. Targets, checked as ratios measured in the
+same run: int8 <= 40% of fp32 time for a cold user; a warm user under 50 us.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from persona4rec.encoder import Encoder, ModelNotFoundError, load_default_encoder
+from persona4rec.profile import Interaction, UserProfiler
+
+WORDS = (
+    "guitar strings tone bright warm cable strap pedal tuner capo amp noise hum sound "
+    "price quality cheap solid sturdy broke returned works great love hate recommend "
+    "stage practice home studio recording gig band drums keyboard microphone stand "
+    "shipping arrived quickly packaging damaged replacement seller support weeks months "
+    "years daily easy hard setup adjust tighten loose fits perfectly beginner teacher "
+    "daughter son gift birthday christmas the a and but with for to of it is was this "
+    "that very really not only after before because when while"
+).split()
+
+
+def review_texts(n: int = 10, words: int = 80, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(n):
+        picks = rng.choice(WORDS, size=words)
+        sentences = [" ".join(picks[i : i + 10]).capitalize() + "." for i in range(0, words, 10)]
+        texts.append(" ".join(sentences))
+    return texts
+
+
+def _encoder(quantized: bool) -> Encoder:
+    try:
+        return load_default_encoder(quantized=quantized, intra_op_threads=1, inter_op_threads=1)
+    except (ModelNotFoundError, ImportError) as exc:
+        pytest.skip(f"default encoder model unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def fp32() -> Encoder:
+    return _encoder(False)
+
+
+@pytest.fixture(scope="module")
+def int8() -> Encoder:
+    return _encoder(True)
+
+
+def cold_user_profile(encoder: Encoder, history: list[Interaction]) -> np.ndarray:
+    """A user none of whose interactions is cached: every text goes through the model."""
+    return UserProfiler(encoder, cache=False).profile(history)
+
+
+HISTORY = [Interaction(text, rating=5.0, timestamp=float(i)) for i, text in enumerate(review_texts())]
+
+
+@pytest.mark.benchmark(group="cold-user")
+def test_cold_user_fp32(benchmark, fp32: Encoder) -> None:
+    profile = benchmark.pedantic(cold_user_profile, args=(fp32, HISTORY), rounds=15, warmup_rounds=2)
+    assert profile.shape == (384,)
+
+
+@pytest.mark.benchmark(group="cold-user")
+def test_cold_user_int8(benchmark, int8: Encoder) -> None:
+    profile = benchmark.pedantic(cold_user_profile, args=(int8, HISTORY), rounds=15, warmup_rounds=2)
+    assert profile.shape == (384,)
+
+
+def test_int8_cold_user_at_most_40_percent_of_fp32(fp32: Encoder, int8: Encoder) -> None:
+    """Side by side, interleaved so machine load hits both alike; medians of 15 runs."""
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for _ in range(2):  # warm-up
+        cold_user_profile(fp32, HISTORY), cold_user_profile(int8, HISTORY)
+    for _ in range(15):
+        for name, encoder in (("fp32", fp32), ("int8", int8)):
+            start = time.perf_counter()
+            cold_user_profile(encoder, HISTORY)
+            times[name].append(time.perf_counter() - start)
+    fp32_ms, int8_ms = (1e3 * float(np.median(times[k])) for k in ("fp32", "int8"))
+    ratio = int8_ms / fp32_ms
+    print(f"\ncold user, 1 thread: fp32 {fp32_ms:.1f} ms, int8 {int8_ms:.1f} ms, int8/fp32 = {ratio:.2f}")
+    assert ratio <= 0.40, f"int8 takes {ratio:.0%} of fp32 time (target <= 40%)"
+
+
+@pytest.fixture(scope="module")
+def warm_profiler(fp32: Encoder) -> UserProfiler:
+    profiler = UserProfiler(fp32, cache=False)
+    profiler.profile(HISTORY)  # fills the cache
+    return profiler
+
+
+@pytest.mark.benchmark(group="warm-user")
+def test_warm_user_from_cache(benchmark, warm_profiler: UserProfiler) -> None:
+    calls_before = len(warm_profiler.cache)
+    profile = benchmark(warm_profiler.profile, HISTORY)
+    assert profile.shape == (384,) and len(warm_profiler.cache) == calls_before
+
+
+@pytest.mark.benchmark(group="warm-user")
+def test_warm_user_from_raw_records(benchmark, fp32: Encoder) -> None:
+    """Same, from raw history records: includes rendering the template of each record."""
+    records = [
+        {"summary": text, "extracted": {"quality_criteria": "tone", "usage_context": "home practice"},
+         "rating": 5.0, "timestamp": float(i)}
+        for i, text in enumerate(review_texts())
+    ]
+    profiler = UserProfiler(fp32, cache=False, template="amazon")
+    profiler.profile(records)
+    profile = benchmark(profiler.profile, records)
+    assert profile.shape == (384,)
+
+
+def test_warm_user_under_50_microseconds(warm_profiler: UserProfiler) -> None:
+    """Against the cold-path baseline is meaningless here; the absolute target is the
+    issue's. Median over 2,000 calls."""
+    warm_profiler.profile(HISTORY)
+    samples = []
+    for _ in range(2000):
+        start = time.perf_counter_ns()
+        warm_profiler.profile(HISTORY)
+        samples.append(time.perf_counter_ns() - start)
+    median_us = float(np.median(samples)) / 1e3
+    print(f"\nwarm user (k=10, d=384): median {median_us:.1f} us")
+    assert median_us < 50.0
