@@ -287,3 +287,27 @@ def test_report_file_written(tmp_path):
     assert on_disk["config"]["batch_size"] == 8
     assert on_disk["data"]["batches_per_epoch"] == 5
     assert res.report["validation_metric"] is None
+
+
+def test_adapter_is_a_profiler_transform():
+    from persona4rec.profile import Interaction, UserProfiler
+
+    class Enc:
+        dim = 6
+        fingerprint = "toy-encoder"
+
+        def encode(self, texts, batch_size=32):
+            out = np.array([[len(t), t.count("a"), t.count("e"), 1.0, t.count(" "), t.count("o")] for t in texts],
+                           np.float32)
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    rng = np.random.default_rng(11)
+    adapter = Adapter(6, {"user.A": (0.5 * rng.standard_normal((6, 6))).astype(np.float32)})
+    history = [Interaction("a great amp", 5.0, 1.0), Interaction("loose strap, poor", 4.0, 2.0),
+               Interaction("nice tone overall", 5.0, 3.0)]
+    plain = UserProfiler(Enc(), cache=False).profile(history)
+    mapped = UserProfiler(Enc(), cache=False, transform=adapter).profile(history)
+    np.testing.assert_allclose(mapped, adapter.apply(plain), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(mapped, plain, atol=1e-3)
+    batch = UserProfiler(Enc(), cache=False, transform=adapter).profile_many([history, history[:1]])
+    np.testing.assert_allclose(batch.vectors[0], mapped, rtol=1e-5, atol=1e-6)
