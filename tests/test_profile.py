@@ -295,6 +295,8 @@ def test_rows_added_after_open_and_reopened(tmp_path: Path) -> None:
     cache.put([bytes([100 + i]) * 16 for i in range(70)], extra)
     mixed_rows = cache.rows_of([bytes([1]) * 16, bytes([169]) * 16])
     np.testing.assert_array_equal(cache.gather(mixed_rows), np.vstack([vectors[1], extra[-1]]))
+    np.testing.assert_array_equal(cache.gather(np.array(mixed_rows)), np.vstack([vectors[1], extra[-1]]))
+    assert cache.gather([]).shape == (0, 4)
     cache.close()
     assert len(InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4, read_only=True)) == 72
 

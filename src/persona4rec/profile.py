@@ -47,6 +47,7 @@ __all__ = [
     "UserProfiler",
     "ProfileBatch",
     "recency_weights",
+    "text_key",
     "DEFAULT_K",
     "DEFAULT_GAMMA",
     "DEFAULT_MIN_RATING",
@@ -446,7 +447,10 @@ class InteractionEmbeddingCache:
         n_disk = self._disk.shape[0]
         if len(rows) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        low, high = min(rows), max(rows)  # on a short list, cheaper than array reductions
+        if isinstance(rows, np.ndarray):
+            low, high = int(rows.min()), int(rows.max())
+        else:
+            low, high = min(rows), max(rows)  # on a short list, cheaper than array reductions
         if high < n_disk:
             return self._disk.take(rows, axis=0)
         rows = np.asarray(rows, dtype=np.intp)
