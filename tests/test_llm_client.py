@@ -160,6 +160,11 @@ def test_json_object_mode_and_no_key_header():
         complete(config(s, response_format="json_object", api_key_env="P4R_UNSET_VAR_XYZ"), {"type": "object"})
     assert s.requests[0]["response_format"] == {"type": "json_object"}
     assert "authorization" not in s.headers_seen[0]
+    with StubServer(scripted()) as s:
+        complete(config(s, response_format="json_object_schema"), {"type": "object"})
+        complete(config(s, response_format="none"), {"type": "object"})
+    assert s.requests[0]["response_format"] == {"type": "json_object", "schema": {"type": "object"}}
+    assert "response_format" not in s.requests[1]
 
 
 def test_usage_is_reported():

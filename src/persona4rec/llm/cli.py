@@ -60,7 +60,8 @@ def _common(p: argparse.ArgumentParser, exclude: bool = False) -> None:
     g.add_argument("--max-tokens", type=int, default=1024)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--extra-body", default="{}", help="JSON object merged into every request body")
-    g.add_argument("--response-format", choices=["json_schema", "json_object", "none"], default="json_schema")
+    g.add_argument("--response-format", choices=["json_schema", "json_object", "json_object_schema", "none"],
+                   default="json_schema", help="how to ask for JSON (json_object_schema for llama-cpp-python)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--concurrency", type=int, default=8, help="workers = connection-pool size")
     g.add_argument("--max-retries", type=int, default=6)

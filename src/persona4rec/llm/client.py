@@ -26,7 +26,11 @@ from typing import Any, Literal
 
 import httpx
 
-ResponseFormat = Literal["json_schema", "json_object", "none"]
+# json_schema: OpenAI structured outputs (also vLLM, Ollama, llama.cpp's server);
+# json_object: JSON mode without a schema; json_object_schema: {"type": "json_object", "schema": ...},
+# the form llama-cpp-python's server turns into a grammar; none: plain text, validated client-side only.
+ResponseFormat = Literal["json_schema", "json_object", "json_object_schema", "none"]
+RESPONSE_FORMATS = ("json_schema", "json_object", "json_object_schema", "none")
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 # Status codes that mean the run is misconfigured: every other request would fail the same way.
@@ -63,8 +67,8 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if self.response_format not in ("json_schema", "json_object", "none"):
-            raise ValueError("response_format must be json_schema, json_object or none")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
 
@@ -226,6 +230,8 @@ class ChatClient:
                                        "json_schema": {"name": schema_name, "schema": schema}}
         elif schema is not None and cfg.response_format == "json_object":
             body["response_format"] = {"type": "json_object"}
+        elif schema is not None and cfg.response_format == "json_object_schema":
+            body["response_format"] = {"type": "json_object", "schema": schema}
         body.update(cfg.extra_body)
         return body
 
