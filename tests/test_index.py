@@ -440,3 +440,17 @@ def test_search_approx_without_graph_says_what_to_do():
     index, *_ = make_index(n_items=5, d=8)
     with pytest.raises(RuntimeError, match="build_ann"):
         index.search_approx(np.ones(8, dtype=np.float32))
+
+
+def test_int_id_lookup_table_and_fallback():
+    index, ids, vectors, offsets = make_index(n_items=30, d=16, ids="int", personas=False)
+    user = vectors[offsets[7]].copy()
+    as_array = index.rerank(user, np.array([ids[3], ids[7], 5], dtype=np.int64), unknown="skip")
+    assert as_array.ids[0] == ids[7] and len(as_array) == 2
+    with pytest.raises(UnknownItemError):
+        index.rerank(user, np.array([ids[3], 10**9]))
+    index.add_items([ids[-1] + 1, 10**12], vectors[:2], [0, 1, 2])  # in range, then far outside it
+    assert index.rerank(user, [ids[-1] + 1, 10**12]).ids[0] in {ids[-1] + 1, 10**12}
+    assert set(index.rerank(user, np.array([10**12, ids[0]])).ids) == {10**12, ids[0]}
+    index.remove_items([ids[7]])
+    assert index.rerank(user, [ids[7], ids[1]], unknown="skip").ids == [ids[1]]

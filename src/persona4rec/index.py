@@ -156,12 +156,18 @@ class _Snapshot:
 
 class _IdMap:
     """item id -> dense index, built lazily (loading stays fast) and append-only, so
-    older snapshots stay valid: they ignore indices beyond their own item count."""
+    older snapshots stay valid: they ignore indices beyond their own item count.
+
+    Integer ids in a compact range also get a lookup table, so a candidate array maps to
+    indices in one vectorised step instead of one dict probe per id.
+    """
 
     def __init__(self, ids, id_kind: str):
         self._ids = ids
         self._kind = id_kind
         self._map: dict | None = None
+        self._table: np.ndarray | None = None
+        self._table_lo = 0
         self._lock = threading.Lock()
         self.max_index = len(ids) - 1
 
@@ -172,15 +178,41 @@ class _IdMap:
                 if self._map is None:
                     keys = self._ids.to_list() if self._kind == "str" else self._ids.tolist()
                     # Later duplicates win: a re-added id points at its newest index.
-                    self._map = {k: i for i, k in enumerate(keys)}
+                    mapping = {k: i for i, k in enumerate(keys)}
+                    if self._kind == "int" and keys:
+                        lo, hi = min(keys), max(keys)
+                        if hi - lo < 4 * len(keys) + 1024:
+                            table = np.full(hi - lo + 1, -1, dtype=np.int64)
+                            table[np.asarray(keys, dtype=np.int64) - lo] = np.arange(len(keys), dtype=np.int64)
+                            self._table, self._table_lo = table, lo
+                    self._map = mapping
                 m = self._map
         return m
 
     def mapping(self) -> dict:
         return self._built()
 
+    def lookup_many(self, ids: Sequence) -> np.ndarray:
+        """Dense indices of ``ids`` (-1 for unknown ones)."""
+        mapping = self._built()
+        table = self._table
+        if table is not None and len(ids):
+            arr = np.asarray(ids)
+            if arr.ndim == 1 and arr.dtype.kind in "iu":
+                pos = arr.astype(np.int64) - self._table_lo
+                inside = (pos >= 0) & (pos < len(table))
+                return np.where(inside, table[np.where(inside, pos, 0)], -1)
+        return np.fromiter(map(mapping.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+
     def add(self, item_id, index: int) -> None:
         self._built()[item_id] = index
+        table = self._table
+        if table is not None:
+            pos = int(item_id) - self._table_lo
+            if 0 <= pos < len(table):
+                table[pos] = index
+            else:
+                self._table = None  # out of the compact range: fall back to the dict
         self.max_index = max(self.max_index, index)
 
 
@@ -396,7 +428,7 @@ class PersonaIndex:
         if unknown not in ("error", "skip"):
             raise ValueError("unknown must be 'error' or 'skip'")
         id_map = snap.id_to_index
-        idx = np.fromiter(map(id_map.mapping().get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        idx = id_map.lookup_many(ids)
         if id_map.max_index >= snap.n_items:  # ids added after this snapshot are unknown to it
             idx[idx >= snap.n_items] = -1
         if snap.removed is not None and len(idx):
@@ -435,7 +467,7 @@ class PersonaIndex:
         snap, q, single = self._query(user_vec, encoder)
         if not single:
             raise ValueError("rerank takes one user vector (1-D); loop or use search() for batches")
-        cand = candidate_ids if isinstance(candidate_ids, (list, tuple)) else list(candidate_ids)
+        cand = candidate_ids if isinstance(candidate_ids, (list, tuple, np.ndarray)) else list(candidate_ids)
         idx, pos = self._indices(snap, cand, unknown, "candidate ids")
         persona_scores, rows = snap.core.score_candidates(q, idx)
         fused = persona_scores
@@ -452,8 +484,11 @@ class PersonaIndex:
             if len(base):
                 fused = np.float32(alpha) * persona_scores + np.float32(1 - alpha) * _minmax(base)
         order = np.argsort(-fused, kind="stable")
-        positions = order.tolist() if pos is None else pos[order].tolist()
-        ids = [cand[p] for p in positions]
+        positions = order if pos is None else pos[order]
+        if snap.id_kind == "int":
+            ids = np.asarray(cand, dtype=np.int64)[positions].tolist()
+        else:
+            ids = [cand[p] for p in positions.tolist()]
         return RerankResult(ids, fused[order], persona_scores[order], rows[order], self, snap)
 
     # ---------------------------------------------------------------- search
