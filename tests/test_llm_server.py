@@ -87,7 +87,7 @@ def check_records(records: list[dict], keys: set[str], validate_ok) -> None:
         assert r["usage"]["completion_tokens"] > 0 and r["attempts"]
 
 
-def test_four_stages_on_a_local_smollm2_server(llama_server, shared_dir, tmp_path):
+def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_path):
     from persona4rec.llm.client import ClientConfig
     from persona4rec.llm.inputs import load_items, load_reviews
     from persona4rec.llm.jobs import read_jsonl
