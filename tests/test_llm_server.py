@@ -112,7 +112,7 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
         reviews += [r for r in all_reviews if r["item_id"] == item_id and 0 < len(r["text"]) < 600][:3]
     prompts = load_prompt_set("product")
     cfg = ClientConfig(base_url=llama_server, model="smollm2-135m", api_key_env=None, max_tokens=320,
-                       temperature=0.0, seed=0, response_format="json_schema", concurrency=1, timeout_s=120,
+                       temperature=0.0, seed=0, response_format="json_object_schema", concurrency=1, timeout_s=120,
                        max_retries=1)
 
     def run(tasks, name, stage):
