@@ -85,6 +85,13 @@ def test_max_length_override_changes_truncation_and_fingerprint(tiny: Encoder) -
         Encoder(TINY, max_length=1)
 
 
+def test_max_length_beyond_position_embeddings(tiny_copy: Path) -> None:
+    (tiny_copy / "config.json").write_text(json.dumps({"max_position_embeddings": 16}))
+    Encoder(tiny_copy, max_length=16)
+    with pytest.raises(ValueError, match="exceeds the model's 16 position embeddings"):
+        Encoder(tiny_copy, max_length=17)
+
+
 def test_empty_string_embeds_special_tokens(tiny: Encoder) -> None:
     np.testing.assert_allclose(tiny.encode([""])[0], expected_mean(""), rtol=1e-5, atol=1e-6)
 

@@ -154,6 +154,20 @@ def test_bad_history_entries(profiler: UserProfiler, bad, error, match) -> None:
         profiler.profile(bad)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"text": b"bytes"}, TypeError),
+        ({"text": "x", "rating": float("nan")}, ValueError),
+        ({"text": "x", "timestamp": float("inf")}, ValueError),
+        ({"text": "x", "rating": "5"}, ValueError),
+    ],
+)
+def test_interaction_validates_its_fields(kwargs, error) -> None:
+    with pytest.raises(error):
+        Interaction(**kwargs)
+
+
 @pytest.mark.parametrize("kwargs", [{"k": 0}, {"gamma": 0.0}, {"gamma": 1.5}, {"min_rating": float("nan")}])
 def test_bad_parameters(enc: CountingEncoder, kwargs) -> None:
     with pytest.raises(ValueError):

@@ -360,6 +360,15 @@ def read_max_length(model_dir: Path, manifest: dict[str, Any] | None) -> int:
     )
 
 
+def _max_positions(model_dir: Path) -> int | None:
+    path = model_dir / "config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 # --------------------------------------------------------------------------- encoder
 
 
@@ -420,6 +429,12 @@ class Encoder:
             max_length = model_max_length
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 (room for the special tokens), got {max_length!r}")
+        positions = _max_positions(self.model_dir)
+        if positions is not None and max_length > positions:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's {positions} position embeddings "
+                f"(config.json max_position_embeddings); use at most {positions}."
+            )
         self.max_length = max_length
 
         tokenizer_path = self.model_dir / TOKENIZER_FILE

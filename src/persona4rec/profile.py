@@ -70,6 +70,15 @@ class Interaction:
     timestamp: float | None = None
     item_id: str | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise TypeError(f"Interaction.text must be str, got {type(self.text).__name__}; decode bytes first")
+        for name in ("rating", "timestamp"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"Interaction.{name} must be a finite number or None, got {value!r}")
+
 
 class InteractionTemplate(Protocol):
     """Turns one raw history record (a mapping) into an :class:`Interaction`."""
@@ -534,6 +543,9 @@ class UserProfiler:
         transform: optional map applied to the weighted mean before L2 normalisation
             (e.g. a trained alignment adapter): float32 (d,) or (n, d) -> the same shape.
         batch_size: encoder batch size for new interactions.
+
+    A profiler (and its cache) is not safe to share between threads: give each
+    thread its own, or serialise calls.
     """
 
     def __init__(
