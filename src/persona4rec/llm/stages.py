@@ -200,7 +200,9 @@ def persona_tasks(aspect_records: Iterable[dict[str, Any]], prompts: PromptSet,
     for item_id, recs in sorted(group_aspects_by_item(aspect_records, exclude_review_ids).items()):
         recs = recs[-max_reviews_per_item:]
         low, high = persona_count_range(len(recs))
-        rule = "exactly 1" if high == 1 else f"between {low} and {min(high, len(recs) + 1)}"
+        # Ask for no more personas than there are reviews to ground them; the schema keeps the 2-7 range.
+        suggested = min(high, max(low, len(recs)))
+        rule = f"exactly {low}" if suggested == low else f"between {low} and {suggested}"
         item = (items or {}).get(item_id, {})
         evidence = "\n".join(_evidence_line(i, r, fields) for i, r in enumerate(recs, 1))
         messages = prompts.render("personas", item_title=item.get("title") or item_id,
