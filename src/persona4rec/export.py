@@ -345,6 +345,9 @@ def run(args) -> int:
         if src is None:
             raise SystemExit(f"export-encoder --default: the {PACKAGED_MODEL_DISTRIBUTION} package is not installed")
         out, name = default_model_cache_dir(), DEFAULT_MODEL_NAME
+        if not args.overwrite and read_manifest(out) is not None:
+            print(f"{out} is already exported (pass --overwrite to export again)")
+            return 0
     else:
         if not (args.src and args.out):
             raise SystemExit("export-encoder: give SRC and OUT (or --default)")

@@ -19,6 +19,7 @@ returning user costs lookups and a weighted sum; only new interactions are encod
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -61,7 +62,7 @@ DEFAULT_MIN_RATING: float | None = 3.0
 # --------------------------------------------------------------------------- interactions and templates
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Interaction:
     """One user-item interaction, already rendered to the text that gets embedded."""
 
@@ -75,7 +76,9 @@ class Interaction:
             raise TypeError(f"Interaction.text must be str, got {type(self.text).__name__}; decode bytes first")
         for name in ("rating", "timestamp"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+            if value is None or (type(value) is float and math.isfinite(value)):
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
                                       or not math.isfinite(value)):
                 raise ValueError(f"Interaction.{name} must be a finite number or None, got {value!r}")
 
@@ -97,6 +100,8 @@ def _optional_number(record: Mapping[str, Any], field: str) -> float | None:
     value = record.get(field)
     if value is None:
         return None
+    if type(value) is float and value == value:  # the common case; value == value rules out NaN
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"field {field!r} must be a number or missing, got {value!r}")
     value = float(value)
@@ -122,15 +127,22 @@ def _optional_timestamp(record: Mapping[str, Any], field: str) -> float | None:
     return _optional_number(record, field)
 
 
+_LONGEST_EMPTY_VALUE = max(map(len, _EMPTY_ASPECT_VALUES))
+
+
 def _clean(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
         return ", ".join(part for part in (_clean(v) for v in value) if part)
-    text = str(value).strip()
-    return "" if text.lower() in _EMPTY_ASPECT_VALUES else text
+    text = (value if isinstance(value, str) else str(value)).strip()
+    # lower() copies the string: only short values can be one of the "nothing" markers
+    if len(text) <= _LONGEST_EMPTY_VALUE and text.lower() in _EMPTY_ASPECT_VALUES:
+        return ""
+    return text
 
 
+@functools.lru_cache(maxsize=256)
 def _label(field: str) -> str:
     return field.replace("_", " ").capitalize()
 
