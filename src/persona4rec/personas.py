@@ -83,11 +83,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def spherical_kmeans(points: np.ndarray, k: int, seed: int = 0, max_iter: int = 30) -> tuple[np.ndarray, np.ndarray]:
+def spherical_kmeans(points: np.ndarray, k: int, seed: int = 0, max_iter: int = 30,
+                     n_init: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Cluster unit vectors by cosine similarity. Returns ``(centroids, labels)``.
 
-    Seeding is k-means++ on cosine distance (deterministic for a given ``seed``); a
-    cluster that empties is re-seeded with the point farthest from its centroid.
+    Each of ``n_init`` runs is seeded by k-means++ on cosine distance; the run with
+    the highest total similarity of points to their centroids wins (one run alone
+    often settles in a poor local optimum). Deterministic for a given ``seed``.
     """
     points = np.asarray(points, dtype=np.float64)
     n = len(points)
@@ -96,6 +98,18 @@ def spherical_kmeans(points: np.ndarray, k: int, seed: int = 0, max_iter: int = 
     if k == n:
         return _normalise(points.copy()), np.arange(n)
     rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for _ in range(max(1, n_init)):
+        centroids, labels = _kmeans_once(points, k, rng, max_iter)
+        objective = float((points * centroids[labels]).sum())
+        if best is None or objective > best[0] + 1e-9:
+            best = (objective, centroids, labels)
+    return best[1], best[2]
+
+
+def _kmeans_once(points: np.ndarray, k: int, rng: np.random.Generator,
+                 max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(points)
     chosen = [int(rng.integers(n))]
     distance = 1.0 - points @ points[chosen[0]]
     for _ in range(1, k):
@@ -115,6 +129,7 @@ def spherical_kmeans(points: np.ndarray, k: int, seed: int = 0, max_iter: int = 
         for c in range(k):
             members = labels == c
             if not members.any():
+                # Re-seed an empty cluster with the point its centroid explains worst.
                 far = int(similarity.max(axis=1).argmin())
                 labels[far] = c
                 members = labels == c

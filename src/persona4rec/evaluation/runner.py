@@ -82,6 +82,11 @@ class EvaluationConfig:
     latency_users: int = 300
     show_users: int = 3
     profile_min_rating: float | None = 3.0
+    itemknn_grid: list[dict[str, Any]] = field(default_factory=lambda: list(ITEMKNN_GRID))
+    ease_grid: list[dict[str, Any]] = field(default_factory=lambda: list(EASE_GRID))
+    bpr_grid: list[dict[str, Any]] = field(default_factory=lambda: list(BPR_GRID))
+    bpr_max_epochs: int = BPR_MAX_EPOCHS
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
 
 
 @dataclass
@@ -310,8 +315,8 @@ class Evaluation:
         self.cf_models: dict[str, Any] = {}
         candidates: list[tuple[str, list[dict[str, Any]], Callable[..., Any]]] = [
             ("popularity", [{}], lambda **p: bl.Popularity()),
-            ("ItemKNN", ITEMKNN_GRID, lambda **p: bl.ItemKNN(**p)),
-            ("EASE", EASE_GRID, lambda **p: bl.EASE(**p)),
+            ("ItemKNN", self.config.itemknn_grid, lambda **p: bl.ItemKNN(**p)),
+            ("EASE", self.config.ease_grid, lambda **p: bl.EASE(**p)),
         ]
         for name, grid, make in candidates:
             started = time.perf_counter()
@@ -326,9 +331,9 @@ class Evaluation:
             self._step(f"{name} (grid of {len(grid)} on validation)", started)
         started = time.perf_counter()
         best = None
-        for params in BPR_GRID:
+        for params in self.config.bpr_grid:
             model = bl.BPR(seed=self.config.seed, **params).start(d.train_matrix)
-            for epoch in range(BPR_EVAL_EVERY, BPR_MAX_EPOCHS + 1, BPR_EVAL_EVERY):
+            for epoch in range(BPR_EVAL_EVERY, self.config.bpr_max_epochs + 1, BPR_EVAL_EVERY):
                 model.train_epochs(BPR_EVAL_EVERY)
                 valid = self._evaluate_scores(model.score, "valid")
                 value = ndcg_at(ranks_from_scores(valid, d.valid_targets), 10).mean()
@@ -337,7 +342,8 @@ class Evaluation:
         # Refit the chosen configuration (same seed, same epoch count: the same model).
         model = bl.BPR(seed=self.config.seed, **best[1]).fit(d.train_matrix)
         self._record_cf("BPR", (best[0], best[1], model, best[3]))
-        self._step(f"BPR (grid of {len(BPR_GRID)} x {BPR_MAX_EPOCHS // BPR_EVAL_EVERY} epoch counts)", started)
+        self._step(f"BPR (grid of {len(self.config.bpr_grid)} x {self.config.bpr_max_epochs // BPR_EVAL_EVERY} "
+                   "epoch counts)", started)
         order = ["popularity", "ItemKNN", "EASE", "BPR"]
         valid_ndcg = {n: float(ndcg_at(ranks_from_scores(self.cf_scores[n]["valid"], d.valid_targets), 10).mean())
                       for n in order}
@@ -412,11 +418,11 @@ class Evaluation:
     def _choose_alpha(self, make: Callable[[float, str], np.ndarray], lists: bool) -> tuple[float, dict[str, float]]:
         targets = self.data.valid_targets
         curve = {}
-        for a in ALPHA_GRID:
+        for a in self.config.alpha_grid:
             out = make(a, "valid")
             ranks = ranks_from_lists(out, targets) if lists else ranks_from_scores(out, targets)
             curve[f"{a:.2f}"] = round(float(ndcg_at(ranks, 10).mean()), 5)
-        best = max(ALPHA_GRID, key=lambda a: (curve[f"{a:.2f}"], -a))
+        best = max(self.config.alpha_grid, key=lambda a: (curve[f"{a:.2f}"], -a))
         return float(best), curve
 
     # ----------------------------------------------------------------- latency

@@ -26,9 +26,11 @@ def paired_bootstrap_pvalue(a: np.ndarray, b: np.ndarray, n_resamples: int = 100
     the p-value is the share of resampled mean differences at least as far from zero
     as the observed one. With identical inputs it is 1.0.
     """
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if diff.shape != np.asarray(b).shape or len(diff) == 0:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
         raise ValueError("paired_bootstrap_pvalue needs two equal-length, non-empty per-user arrays")
+    diff = a - b
     observed = diff.mean()
     centred = diff - observed
     rng = np.random.default_rng(seed)

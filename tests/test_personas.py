@@ -1,0 +1,72 @@
+"""Extractive personas: spherical k-means, persona counts, names from real review words."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from persona4rec.personas import extract_personas, mean_item_vectors, personas_for, spherical_kmeans
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def planted(n_per: int = 6, k: int = 3, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((k, dim)))
+    labels = np.repeat(np.arange(k), n_per)
+    points = unit(centres[labels] + 0.15 * rng.standard_normal((len(labels), dim)))
+    return points, labels, centres
+
+
+def test_spherical_kmeans_recovers_planted_clusters() -> None:
+    points, truth, centres = planted()
+    centroids, labels = spherical_kmeans(points, 3, seed=4)
+    # Same partition up to renaming, and each centroid lies next to one true centre.
+    pairs = {(int(a), int(b)) for a, b in zip(truth, labels)}
+    assert len(pairs) == 3
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0)
+    assert (centroids @ centres.T).max(axis=1).min() > 0.95
+    again, _ = spherical_kmeans(points, 3, seed=4)
+    assert np.array_equal(again, centroids)
+    with pytest.raises(ValueError, match="k must be"):
+        spherical_kmeans(points, 0)
+
+
+@pytest.mark.parametrize("n, expected", [(1, 1), (2, 1), (3, 1), (4, 2), (9, 4), (10, 5), (40, 5)])
+def test_personas_for_scales_with_reviews(n: int, expected: int) -> None:
+    assert personas_for(n, max_personas=5, reviews_per_persona=2) == expected
+
+
+def test_extract_personas_layout_names_and_fallback() -> None:
+    points, truth, _ = planted(n_per=4, k=2)
+    review_item = np.zeros(len(points), dtype=np.int64)
+    titles = [f"title {k} of cluster {t}" for k, t in enumerate(truth)]
+    texts = [f"Opening sentence {k}. More words." for k in range(len(points))]
+    fallback = unit(np.ones((2, points.shape[1])))
+    ps = extract_personas(["A", "B"], review_item, points, titles, texts, max_personas=2, reviews_per_persona=2,
+                          fallback_vectors=fallback, fallback_names=["Item A", "Item B"])
+    assert ps.offsets.tolist() == [0, 2, 3]
+    assert ps.vectors.dtype == np.float32 and ps.vectors.flags.c_contiguous
+    assert np.allclose(np.linalg.norm(ps.vectors, axis=1), 1.0)
+    # Each persona is named by a central review's title from its own cluster.
+    for p in range(2):
+        members = [int(r) for r in ps.central_reviews[p]]
+        assert len({int(truth[r]) for r in members}) == 1
+        assert ps.names[p] == titles[members[0]]
+        assert "Opening sentence" in ps.descriptions[p]
+    assert ps.support[:2].sum() == len(points)
+    # Item B has no review: one persona from the fallback vector, named by the item.
+    assert ps.names[2] == "Item B" and np.allclose(ps.vectors[2], fallback[1], atol=1e-6)
+    assert ps.item_of_persona().tolist() == [0, 0, 1]
+    assert [r["persona_id"] for r in ps.to_records()] == ["A_E1", "A_E2", "B_E1"]
+    with pytest.raises(ValueError, match="no reviews"):
+        extract_personas(["A", "B"], review_item, points, titles, texts)
+
+
+def test_mean_item_vectors() -> None:
+    vectors = unit(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    out = mean_item_vectors(3, np.array([0, 0, 1]), vectors, fallback_vectors=np.array([[0, 0], [0, 0], [-1.0, 0]]))
+    assert np.allclose(out[0], unit(np.array([1.0, 1.0])))
+    assert np.allclose(out[1], vectors[2]) and np.allclose(out[2], [-1.0, 0.0])
