@@ -112,6 +112,20 @@ def test_warm_user_from_cache(benchmark, warm_profiler: UserProfiler) -> None:
 
 
 @pytest.mark.benchmark(group="warm-user")
+def test_warm_user_from_disk_cache(benchmark, fp32: Encoder, tmp_path) -> None:
+    """Rows read through the memory map of a reopened cache, as in a fresh serving process."""
+    from persona4rec.profile import InteractionEmbeddingCache
+
+    writer = UserProfiler(fp32, cache=tmp_path / "cache")
+    writer.profile(HISTORY)
+    writer.cache.close()
+    reopened = InteractionEmbeddingCache(tmp_path / "cache", fingerprint=fp32.fingerprint, dim=fp32.dim, read_only=True)
+    profiler = UserProfiler(fp32, cache=reopened)
+    profile = benchmark(profiler.profile, HISTORY)
+    assert profile.shape == (384,) and len(reopened) == len(HISTORY)
+
+
+@pytest.mark.benchmark(group="warm-user")
 def test_warm_user_from_raw_records(benchmark, fp32: Encoder) -> None:
     """Same, from raw history records: includes rendering the template of each record."""
     records = [

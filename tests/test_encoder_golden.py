@@ -63,6 +63,13 @@ def test_fp32_matches_stored_sentence_transformers_embeddings(fp32: Encoder) -> 
     assert cosines.min() >= FP32_MIN_COSINE, cosines
 
 
+def test_padding_and_batching_do_not_change_embeddings(fp32: Encoder) -> None:
+    """Length-sorted batches pad short texts; the attention mask must make that invisible."""
+    batched = fp32.encode(GOLDEN_TEXTS, batch_size=5)
+    alone = np.vstack([fp32.encode([text]) for text in GOLDEN_TEXTS])
+    assert _cosines(batched, alone).min() >= 0.99999
+
+
 def test_int8_stays_close_to_sentence_transformers(int8: Encoder) -> None:
     cosines = _cosines(int8.encode(GOLDEN_TEXTS), GOLDEN_VECTORS)
     assert cosines.mean() >= INT8_MEAN_COSINE, cosines
