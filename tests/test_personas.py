@@ -70,3 +70,37 @@ def test_mean_item_vectors() -> None:
     out = mean_item_vectors(3, np.array([0, 0, 1]), vectors, fallback_vectors=np.array([[0, 0], [0, 0], [-1.0, 0]]))
     assert np.allclose(out[0], unit(np.array([1.0, 1.0])))
     assert np.allclose(out[1], vectors[2]) and np.allclose(out[2], [-1.0, 0.0])
+
+
+def test_llm_persona_file_with_fallback_and_errors(tmp_path) -> None:
+    import gzip
+    import json
+
+    from persona4rec.data import DataFormatError
+    from persona4rec.personas import load_persona_file, personas_from_file
+
+    rows = [{"item_id": "A", "personas": [{"ID": "P1", "Name": "Gig Player", "Description": "Plays live.",
+                                           "Preference_Rationale": "Needs it sturdy."},
+                                          {"ID": "P2", "Name": "Home Tinkerer", "Description": "Tweaks gear."}]}]
+    path = tmp_path / "3_personas.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in rows))
+    by_item = load_persona_file(str(path))
+    points, truth, _ = planted(n_per=2, k=2)
+    fallback = extract_personas(["A", "B"], np.array([0, 0, 1, 1]), points, ["t"] * 4, ["x"] * 4)
+    seen: list[str] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        seen.extend(texts)
+        return unit(np.random.default_rng(0).standard_normal((len(texts), points.shape[1])))
+
+    ps = personas_from_file(["A", "B"], by_item, encode, fallback)
+    assert seen == ["Gig Player. Plays live. Needs it sturdy.", "Home Tinkerer. Tweaks gear."]
+    assert ps.names[:2] == ["Gig Player", "Home Tinkerer"]
+    assert ps.offsets.tolist() == [0, 2, 2 + fallback.offsets[2] - fallback.offsets[1]]
+    assert np.array_equal(ps.vectors[2:], fallback.vectors[fallback.offsets[1]:])
+    assert ps.params["items_without_llm_personas"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"item_id": "A", "personas": [{"ID": "P1"}]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"bad.jsonl: line 1: field 'personas\[0\].Name'"):
+        load_persona_file(str(bad))

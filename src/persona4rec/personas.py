@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -237,3 +237,74 @@ def mean_item_vectors(n_items: int, review_item: np.ndarray, review_vectors: np.
             raise ValueError(f"{int(empty.sum())} item(s) have no reviews and no fallback vector was given")
         sums[empty] = fallback_vectors[empty]
     return _normalise(sums).astype(np.float32)
+
+
+def load_persona_file(path: str) -> dict[str, list[dict[str, str]]]:
+    """Read LLM personas (``3_personas.jsonl[.gz]`` rows: ``item_id`` and a ``personas``
+    list of ``ID``/``Name``/``Description``/``Preference_Rationale``) into
+    ``{item_id: [persona, ...]}``. Errors name the file, line and field."""
+    from persona4rec.data.loaders import iter_records
+    from persona4rec.data.tables import DataFormatError
+
+    out: dict[str, list[dict[str, str]]] = {}
+    for number, record in iter_records(path):
+        where = f"{path}: line {number}"
+        if "item_id" not in record:
+            raise DataFormatError(f"{where}: field 'item_id': missing (expected persona rows of the LLM stage)")
+        personas = record.get("personas")
+        if not isinstance(personas, list) or not personas:
+            raise DataFormatError(f"{where}: field 'personas': expected a non-empty list of personas")
+        rows = []
+        for k, persona in enumerate(personas):
+            if not isinstance(persona, dict) or not str(persona.get("Name", "")).strip():
+                raise DataFormatError(f"{where}: field 'personas[{k}].Name': missing or empty")
+            rows.append({"id": str(persona.get("ID", f"P{k + 1}")), "name": str(persona["Name"]).strip(),
+                         "description": str(persona.get("Description", "")).strip(),
+                         "rationale": str(persona.get("Preference_Rationale", "")).strip()})
+        out[str(record["item_id"])] = rows
+    return out
+
+
+def persona_text(persona: dict[str, str]) -> str:
+    """The text embedded for an LLM persona: name, description and rationale."""
+    # The layout the LLM judge reads personas in (persona4rec.llm.stages): "Name. Description Rationale".
+    body = " ".join(p for p in (persona["description"], persona.get("rationale", "")) if p)
+    return f"{persona['name']}. {body}" if body else persona["name"]
+
+
+def personas_from_file(item_ids: Sequence[str], by_item: dict[str, list[dict[str, str]]],
+                       encode: Callable[[list[str]], np.ndarray], fallback: PersonaSet) -> PersonaSet:
+    """A :class:`PersonaSet` of LLM personas; items the file lacks keep their ``fallback`` personas."""
+    texts = [persona_text(p) for i in item_ids for p in by_item.get(str(i), [])]
+    vectors = _normalise(np.asarray(encode(texts), dtype=np.float32)) if texts else None
+    rows: list[np.ndarray] = []
+    names: list[str] = []
+    descriptions: list[str] = []
+    support: list[int] = []
+    central: list[list[int]] = []
+    offsets = np.zeros(len(item_ids) + 1, dtype=np.int64)
+    used = 0
+    missing = 0
+    for pos, item in enumerate(item_ids):
+        personas = by_item.get(str(item), [])
+        if personas:
+            rows.append(vectors[used:used + len(personas)])
+            used += len(personas)
+            names += [p["name"] for p in personas]
+            descriptions += [p["description"] for p in personas]
+            support += [0] * len(personas)
+            central += [[] for _ in personas]
+        else:
+            missing += 1
+            span = fallback.personas_of(pos)
+            rows.append(fallback.vectors[span.start:span.stop])
+            names += fallback.names[span.start:span.stop]
+            descriptions += fallback.descriptions[span.start:span.stop]
+            support += fallback.support[span.start:span.stop].tolist()
+            central += fallback.central_reviews[span.start:span.stop]
+        offsets[pos + 1] = offsets[pos] + len(rows[-1])
+    return PersonaSet(item_ids=[str(i) for i in item_ids], vectors=np.ascontiguousarray(np.concatenate(rows)),
+                      offsets=offsets, names=names, descriptions=descriptions,
+                      support=np.asarray(support, dtype=np.int64), central_reviews=central,
+                      params={"method": "llm-persona-file", "items_without_llm_personas": missing,
+                              "fallback": fallback.params})

@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--max-personas", type=int, default=5, help="personas per item at most (default: %(default)s)")
     p.add_argument("--reviews-per-persona", type=int, default=2,
                    help="an item with n train reviews gets n // this many personas (default: %(default)s)")
+    p.add_argument("--personas", default=None, metavar="FILE",
+                   help="LLM personas (3_personas.jsonl[.gz] rows) to use instead of extractive ones; "
+                        "items the file lacks keep extractive personas")
     p.add_argument("--out", default=None, help="report folder (default: reports/evaluate/<dataset>-<tie-break>)")
     p.add_argument("--encoder-dir", default=None, help="ONNX encoder folder (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--quantized-encoder", action="store_true", help="use the int8 encoder (faster, slightly different)")
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, tie_break=args.tie_break, seed=args.seed,
-                              max_personas=args.max_personas, reviews_per_persona=args.reviews_per_persona)
+                              max_personas=args.max_personas, reviews_per_persona=args.reviews_per_persona,
+                              persona_file=args.personas)
     say("loading the encoder (the first run exports the packaged model once)")
     encoder = load_default_encoder(quantized=args.quantized_encoder, model_dir=args.encoder_dir,
                                    intra_op_threads=args.threads)

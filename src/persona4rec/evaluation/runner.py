@@ -87,6 +87,7 @@ class EvaluationConfig:
     bpr_grid: list[dict[str, Any]] = field(default_factory=lambda: list(BPR_GRID))
     bpr_max_epochs: int = BPR_MAX_EPOCHS
     alpha_grid: tuple[float, ...] = ALPHA_GRID
+    persona_file: str | None = None
 
 
 @dataclass
@@ -235,6 +236,14 @@ class Evaluation:
         self.item_vectors = mean_item_vectors(len(d.item_ids), d.review_item[train], self.review_vectors[train],
                                               self.title_vectors)
         self.personas = self._personas(train, c.max_personas, c.reviews_per_persona)
+        if c.persona_file:
+            from persona4rec.personas import load_persona_file, personas_from_file
+
+            self.personas = personas_from_file(
+                d.item_ids, load_persona_file(c.persona_file),
+                lambda texts: embed_with_cache(self.encoder, self.profiler.cache, texts), self.personas)
+            self.progress(f"LLM personas from {c.persona_file}; "
+                          f"{self.personas.params['items_without_llm_personas']} items kept extractive ones")
         # "Every review is a persona": the upper end of the multi-vector axis.
         self.review_personas = self._personas(train, 10**6, 1)
         self._step("item vectors and personas", started)
@@ -374,7 +383,8 @@ class Evaluation:
                                  ("review max-sim", reviews)):
                 self.text_scores.setdefault(name, {})[phase] = scores
         params = {"dense single-vector": {"item": "mean of train review embeddings"},
-                  "persona max-sim": {"max_personas": self.config.max_personas,
+                  "persona max-sim": {"source": self.personas.params.get("method"),
+                                      "max_personas": self.config.max_personas,
                                       "reviews_per_persona": self.config.reviews_per_persona,
                                       "n_personas": self.personas.n_personas},
                   "review max-sim": {"n_personas": self.review_personas.n_personas}}
