@@ -181,6 +181,9 @@ def test_quantization_variants(fp32: Encoder, tmp_path) -> None:
         "int8 per-channel, symmetric activations": dict(
             per_channel=True, weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True}
         ),
+        "int8 per-channel, 7-bit weights (reduce_range)": dict(
+            per_channel=True, weight_type=QuantType.QInt8, reduce_range=True
+        ),
         "int8 per-tensor": dict(per_channel=False, weight_type=QuantType.QInt8),
     }
     encoders: dict[str, Encoder] = {"fp32": fp32}
@@ -205,3 +208,71 @@ def test_quantization_variants(fp32: Encoder, tmp_path) -> None:
         median = float(np.median(times[name]))
         print(f"{name:42s} {1e3 * median:8.1f} {median / fp32_time:6.2f} {cosines.mean():9.4f} {cosines.min():8.4f}")
     assert agreement["int8 per-channel (shipped)"] >= 0.98
+
+
+def test_int8_gemm_ceiling() -> None:
+    """What int8 can gain at most here: one FFN-sized GEMM (10 texts x 92 tokens = 920
+    rows, 384 x 1536 weights) in ONNX Runtime, fp32 MatMul vs u8s8 MatMulInteger, 1 thread.
+    Prints the ratio (the cold-user ratio cannot beat it by much) and whether full-range
+    int8 weights give exact results: without AVX-512 VNNI, the AVX2 kernel sums u8*s8
+    pairs in saturating int16, so they do not (the measured cosines include that)."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, inner, cols = 920, 384, 1536
+    rng = np.random.default_rng(0)
+    graphs = {
+        "fp32": helper.make_graph(
+            [helper.make_node("MatMul", ["A", "W"], ["Y"])], "fp32",
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, inner])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, cols])],
+            [numpy_helper.from_array(rng.standard_normal((inner, cols)).astype(np.float32), "W")],
+        ),
+        "int8": helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "W", "zero"], ["Y"])], "int8",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [rows, inner])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [rows, cols])],
+            # 7-bit weights: exact on every kernel, saturating or not
+            [numpy_helper.from_array(rng.integers(-64, 64, (inner, cols)).astype(np.int8), "W"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zero")],
+        ),
+    }
+    inputs = {
+        "fp32": rng.standard_normal((rows, inner)).astype(np.float32),
+        "int8": rng.integers(0, 255, (rows, inner)).astype(np.uint8),
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = {
+        name: ort.InferenceSession(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+            options, providers=["CPUExecutionProvider"],
+        )
+        for name, graph in graphs.items()
+    }
+    # the kernels compute what they claim (exactly, for the integer one)
+    weights = {name: numpy_helper.to_array(graph.initializer[0]) for name, graph in graphs.items()}
+    (int8_out,) = sessions["int8"].run(None, {"A": inputs["int8"]})
+    np.testing.assert_array_equal(int8_out, (inputs["int8"].astype(np.int32) - 128) @ weights["int8"].astype(np.int32))
+    (fp32_out,) = sessions["fp32"].run(None, {"A": inputs["fp32"]})
+    np.testing.assert_allclose(fp32_out, inputs["fp32"] @ weights["fp32"], rtol=1e-3, atol=1e-3)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(20):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"A": inputs[name]})
+            times[name].append(time.perf_counter() - start)
+    fp32_ms, int8_ms = (1e3 * float(np.median(times[name])) for name in ("fp32", "int8"))
+    full_range = rng.integers(-127, 128, (inner, cols)).astype(np.int8)
+    graphs["int8"].initializer[0].CopyFrom(numpy_helper.from_array(full_range, "W"))
+    full_session = ort.InferenceSession(
+        helper.make_model(graphs["int8"], opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        options, providers=["CPUExecutionProvider"],
+    )
+    (full_out,) = full_session.run(None, {"A": inputs["int8"]})
+    exact = np.array_equal(full_out, (inputs["int8"].astype(np.int32) - 128) @ full_range.astype(np.int32))
+    print(
+        f"\nGEMM 920x384x1536, 1 thread: fp32 {fp32_ms:.2f} ms, int8 {int8_ms:.2f} ms, "
+        f"int8/fp32 = {int8_ms / fp32_ms:.2f}; full-range int8 weights exact: {exact}"
+    )
