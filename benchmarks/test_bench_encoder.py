@@ -78,7 +78,7 @@ def test_cold_user_int8(benchmark, int8: Encoder) -> None:
 
 
 @pytest.mark.xfail(
-    reason="not met yet: int8/fp32 measured 0.60-0.71 on the 2-vCPU Zen 4 dev machine (docs/encoder.md)",
+    reason="not met yet: int8/fp32 measured 0.60-0.71 on the 2-vCPU AVX2 dev VM (docs/encoder.md)",
     strict=False,
 )
 def test_int8_cold_user_at_most_40_percent_of_fp32(fp32: Encoder, int8: Encoder) -> None:
