@@ -272,3 +272,22 @@ class TestBadInput:
         index = MaxSimIndex(codes, self.scales, self.offsets)
         items, _, _ = index.topk(self.vectors[:2].copy(), 3)
         assert items.shape == (2, 3)
+
+
+def test_batch_rerank_matches_single_calls(simd_path):
+    rng = np.random.default_rng(21)
+    _, codes, scales, offsets = make_catalog(rng, 120, 47, max_personas=6)
+    index = MaxSimIndex(codes, scales, offsets)
+    queries = rng.standard_normal((5, 47)).astype(np.float32)
+    lists = [rng.integers(0, 120, size=rng.integers(0, 40)) for _ in range(5)]
+    csr = lists_to_csr(lists, 5)
+    for n_threads in (1, 3):
+        scores, rows = index.score_candidates_batch(queries, csr, n_threads=n_threads)
+        for i in range(5):
+            s, r = index.score_candidates(queries[i], np.asarray(lists[i], dtype=np.int64))
+            np.testing.assert_array_equal(scores[csr[0][i]:csr[0][i + 1]], s)
+            np.testing.assert_array_equal(rows[csr[0][i]:csr[0][i + 1]], r)
+    with pytest.raises(ValueError, match="not an item index"):
+        index.score_candidates_batch(queries[:1], lists_to_csr([[120]], 1))
+    with pytest.raises(ValueError, match="n_queries \\+ 1"):
+        index.score_candidates_batch(queries, lists_to_csr([[1]], 1))

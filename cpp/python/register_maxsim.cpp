@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <algorithm>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checks.hpp"
@@ -132,6 +134,55 @@ class MaxSimIndex {
     return py::make_tuple(items, scores, persona);
   }
 
+  // Rerank for a batch: query i scores its own candidate list lists[i] (CSR).
+  py::tuple score_candidates_batch_py(const py::object& queries, const py::object& candidates,
+                                      long long n_threads) {
+    if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
+    PreparedQueries q = prepare(queries, 2);
+    const std::size_t nq = q.batch.n;
+    auto pair = candidates.cast<py::tuple>();
+    if (pair.size() != 2)
+      throw py::value_error("candidates must be a (offsets, items) pair in CSR form");
+    py::array off_arr = require<int64_t>(pair[0], "candidate offsets", 1);
+    py::array item_arr = require<int64_t>(pair[1], "candidate items", 1);
+    if (std::size_t(off_arr.shape(0)) != nq + 1)
+      throw py::value_error("candidate offsets must have n_queries + 1 = " + std::to_string(nq + 1) +
+                            " entries, got " + std::to_string(off_arr.shape(0)));
+    const auto* off = static_cast<const int64_t*>(off_arr.data());
+    const auto* items = static_cast<const int64_t*>(item_arr.data());
+    if (off[0] != 0 || off[nq] != item_arr.shape(0))
+      throw py::value_error("candidate offsets must start at 0 and end at the number of items");
+    for (std::size_t i = 0; i < nq; ++i)
+      if (off[i + 1] < off[i]) throw py::value_error("candidate offsets must be non-decreasing");
+    check_items(items, std::size_t(item_arr.shape(0)), "candidates");
+    py::array_t<float> scores(item_arr.shape(0));
+    py::array_t<int64_t> persona(item_arr.shape(0));
+    float* s = scores.mutable_data();
+    int64_t* p = persona.mutable_data();
+    {
+      py::gil_scoped_release release;
+      const DotRowsFn dot = active_dot_rows();
+      auto run = [&](std::size_t a, std::size_t b) {
+        for (std::size_t i = a; i < b; ++i)
+          score_candidates(m_, dot, q.codes.data() + i * m_.d, q.scales[i], q.batch.code_sums[i],
+                           items + off[i], std::size_t(off[i + 1] - off[i]), s + off[i], p + off[i]);
+      };
+      const std::size_t t = std::max<std::size_t>(1, std::min<std::size_t>(std::size_t(n_threads), nq));
+      if (t == 1) {
+        run(0, nq);
+      } else {
+        std::vector<std::thread> workers;
+        const std::size_t per = (nq + t - 1) / t;
+        for (std::size_t w = 0; w < t; ++w) {
+          const std::size_t a = w * per, b = std::min(nq, a + per);
+          if (a < b) workers.emplace_back(run, a, b);
+        }
+        for (auto& w : workers) w.join();
+      }
+    }
+    return py::make_tuple(scores, persona);
+  }
+
   std::size_t n_items() const { return m_.n_items; }
   std::size_t n_personas() const { return m_.n_personas; }
   std::size_t dim() const { return m_.d; }
@@ -190,6 +241,10 @@ void register_maxsim(py::module_& m) {
       .def("score_candidates", &MaxSimIndex::score_candidates_py, py::arg("query"),
            py::arg("candidates"),
            "Best persona score and persona row for each candidate item index (input order).")
+      .def("score_candidates_batch", &MaxSimIndex::score_candidates_batch_py, py::arg("queries"),
+           py::arg("candidates"), py::arg("n_threads") = 1,
+           "Rerank a batch: query i scores the items candidates[1][candidates[0][i]:candidates[0][i+1]]; "
+           "returns flat (scores, persona_rows) aligned with the candidate items.")
       .def("topk", &MaxSimIndex::topk_py, py::arg("queries"), py::arg("k"),
            py::arg("allow") = py::none(), py::arg("deny") = py::none(),
            py::arg("exclude_mask") = py::none(), py::arg("n_threads") = 1,

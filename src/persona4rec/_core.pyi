@@ -21,6 +21,12 @@ class MaxSimIndex:
     def score_candidates(
         self, query: npt.NDArray[np.float32], candidates: npt.NDArray[np.int64]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+    def score_candidates_batch(
+        self,
+        queries: npt.NDArray[np.float32],
+        candidates: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
+        n_threads: int = 1,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
     def topk(
         self,
         queries: npt.NDArray[np.float32],
