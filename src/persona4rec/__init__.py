@@ -1,14 +1,16 @@
 """persona4rec: persona-profiled item index with a SIMD int8 multi-persona max-sim core.
 
 Public names: :class:`PersonaIndex` (build, rerank, search, explain, save/load),
-:func:`simd_info` (which kernel path runs), :func:`quantize`, and the errors.
+:class:`Encoder` / :func:`load_default_encoder` (ONNX Runtime text encoder),
+:class:`UserProfiler` (recency-weighted user profiles), :func:`simd_info` (which kernel
+path runs), :func:`quantize`, and the errors.
 """
 
 from persona4rec._core import simd_info
 from persona4rec._persist import IndexFormatError
+from persona4rec.encoder import EncoderMismatchError, Encoder, ModelNotFoundError, load_default_encoder
 from persona4rec.index import (
     ConcurrentMutationError,
-    EncoderMismatchError,
     PersonaIndex,
     PersonaMatch,
     PersonaText,
@@ -16,11 +18,17 @@ from persona4rec.index import (
     UnknownItemError,
 )
 from persona4rec.kernels import quantize
+from persona4rec.profile import EmptyHistoryError, UserProfiler
 
 __version__ = "0.1.0"
 __all__ = [
     "ConcurrentMutationError",
+    "EmptyHistoryError",
+    "Encoder",
     "EncoderMismatchError",
+    "ModelNotFoundError",
+    "UserProfiler",
+    "load_default_encoder",
     "IndexFormatError",
     "PersonaIndex",
     "PersonaMatch",

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from persona4rec import _persist
+from persona4rec.encoder import EncoderMismatchError
 from persona4rec.kernels import MaxSimIndex, dot_int8, lists_to_csr, quantize
 
 __all__ = [
@@ -49,10 +50,6 @@ class UnknownItemError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
-
-
-class EncoderMismatchError(ValueError):
-    """The user vectors come from another encoder than the one that built the index."""
 
 
 class ConcurrentMutationError(RuntimeError):
