@@ -9,5 +9,8 @@ bash scripts/bootstrap.sh
 if [ -z "${PERSONA4REC_SHARED:-}" ] && [ -d ../shared ]; then
   export PERSONA4REC_SHARED="$(cd ../shared && pwd)"
 fi
-# Run from outside the source tree so the installed package (with its extension) is tested.
-exec python -m pytest -p no:cacheprovider --rootdir=. -c pyproject.toml tests "$@"
+python -m pytest -p no:cacheprovider --rootdir=. -c pyproject.toml tests "$@"
+# CI also runs the native core's tests once under AddressSanitizer + UBSan.
+if [ "${CI:-}" = "true" ]; then
+  bash scripts/sanitize.sh
+fi

@@ -389,6 +389,7 @@ def clustered(rng, n, d, n_clusters, latent=16, spread=0.5, noise=0.05):
 
 
 def test_ann_recall_on_100k_clustered_personas():
+    pytest.importorskip("hnswlib", reason="approximate search needs the [ann] extra")
     rng = np.random.default_rng(0)
     n_items, P, d = 20_000, 5, 64
     vectors = clustered(rng, n_items * P, d, 200)
@@ -400,6 +401,7 @@ def test_ann_recall_on_100k_clustered_personas():
 
 
 def test_ann_results_are_exactly_rescored_and_persisted(tmp_path):
+    pytest.importorskip("hnswlib", reason="approximate search needs the [ann] extra")
     rng = np.random.default_rng(2)
     vectors = clustered(rng, 3000, 32, 30)
     ids = [f"i{j}" for j in range(1000)]
