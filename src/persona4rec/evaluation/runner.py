@@ -54,8 +54,8 @@ from persona4rec.profile import (
 Progress = Callable[[str], Any]
 
 # Validation grids (small on purpose: the whole job must run in minutes on two cores).
-ITEMKNN_GRID = [{"shrink": s, "neighbors": n} for s in (0.0, 10.0, 50.0) for n in (50, 100, None)]
-EASE_GRID = [{"l2": v} for v in (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0)]
+ITEMKNN_GRID = [{"shrink": s, "neighbors": n} for s in (0.0, 10.0, 50.0, 200.0, 500.0) for n in (50, 100, None)]
+EASE_GRID = [{"l2": v} for v in (10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0)]
 BPR_GRID = [{"factors": 64, "reg": r, "lr": 0.1} for r in (0.01, 0.03, 0.1)] + [{"factors": 128, "reg": 0.03, "lr": 0.1}]
 BPR_MAX_EPOCHS = 300
 BPR_EVAL_EVERY = 25
