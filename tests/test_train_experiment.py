@@ -160,3 +160,21 @@ def test_cli_is_registered_and_parses():
 
     args = build_parser().parse_args(["train-adapter", "--out", "x", "--variants", "adapter", "--rank", "16"])
     assert args.rank == 16 and args.personas == "extractive,reviews" and args.tie_break == "random"
+
+
+def test_validation_only_run_never_ranks_test(evaluation, monkeypatch):
+    import persona4rec.train.experiment as ex
+
+    real = ex.rank_phase
+    phases = []
+
+    def spy(ev, personas, adapter, phase):
+        phases.append(phase)
+        return real(ev, personas, adapter, phase)
+
+    monkeypatch.setattr(ex, "rank_phase", spy)
+    summary = run_experiment(evaluation, config=AdapterConfig(epochs=1, batch_size=16), variants={"adapter": {}},
+                             evaluate_test=False)
+    assert phases and set(phases) == {"valid"}
+    assert "test_NDCG@10" not in summary["results"]["none"] and not summary["test_evaluated"]
+    assert "| none |" in format_table(summary)

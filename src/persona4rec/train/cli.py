@@ -45,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--read-only-cache", action="store_true",
                    help="open the cache read-only (share it with a running job; new vectors stay in memory)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for encoding (0 = all cores)")
+    p.add_argument("--validation-only", action="store_true",
+                   help="report validation numbers only (for choosing settings without looking at test)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -99,6 +101,7 @@ def run(args) -> int:
     ev = prepare_evaluation(eval_config, encoder, cache=cache, progress=say)
     for kind in kinds:
         summary = run_experiment(ev, persona_kind=kind, config=config, variants={n: DEFAULT_VARIANTS[n] for n in names},
-                                 out_dir=args.out, progress=not args.no_progress, say=say)
+                                 out_dir=args.out, progress=not args.no_progress, say=say,
+                                 evaluate_test=not args.validation_only)
         print(format_table(summary))
     return 0

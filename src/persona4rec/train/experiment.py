@@ -176,8 +176,13 @@ def rank_phase(ev, personas, adapter: Adapter, phase: str) -> np.ndarray:
 
 def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfig | None = None,
                    variants: dict[str, dict[str, Any]] | None = None, out_dir: str | os.PathLike | None = None,
-                   progress: bool = False, say: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """Train each variant (early stopping on validation NDCG@10); compare each with no training on test."""
+                   progress: bool = False, say: Callable[[str], Any] | None = None,
+                   evaluate_test: bool = True) -> dict[str, Any]:
+    """Train each variant (early stopping on validation NDCG@10); compare each with no training on test.
+
+    ``evaluate_test=False`` reports validation numbers only: use it to choose settings, so
+    the test split is looked at once, for the settings chosen.
+    """
     from persona4rec.evaluation.metrics import ndcg, per_user_metrics
     from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
 
@@ -215,20 +220,22 @@ def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfi
     results: dict[str, Any] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
     for name, adapter, report in runs:
-        m = per_user_metrics(rank_phase(ev, personas, adapter, "test"), (10,))
-        per_user[name] = m
         acc, n_sel, chance = held_out.accuracy(adapter, personas.vectors, personas.offsets)
         entry: dict[str, Any] = {"val_NDCG@10": val_ndcg(adapter), "heldout_persona_selection_accuracy": acc}
+        if report is not None:
+            entry["training"] = {k: report[k] for k in ("best_epoch", "epochs_run", "seconds", "best_val_metric",
+                                                         "stopped_early")}
+        results[name] = entry
+        if not evaluate_test:
+            continue
+        m = per_user_metrics(rank_phase(ev, personas, adapter, "test"), (10,))
+        per_user[name] = m
         for metric in ("NDCG@10", "HR@10"):
             mean, lo, hi = bootstrap_ci(m[metric], n_resamples=n_boot, seed=ev.config.seed)
             entry[f"test_{metric}"] = {"mean": mean, "ci95": [lo, hi]}
             if name != "none":
                 entry[f"test_{metric}"]["p_vs_none"] = paired_bootstrap_pvalue(
                     m[metric], per_user["none"][metric], n_resamples=5 * n_boot, seed=ev.config.seed)
-        if report is not None:
-            entry["training"] = {k: report[k] for k in ("best_epoch", "epochs_run", "seconds", "best_val_metric",
-                                                         "stopped_early")}
-        results[name] = entry
     chosen = max((n for n in results if n != "none"), key=lambda n: results[n]["val_NDCG@10"], default=None)
     summary = {
         "split": ev.data.split.describe(),
@@ -244,6 +251,7 @@ def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfi
                     "min_rating": ev.config.profile_min_rating},
         "results": results,
         "chosen_on_validation": chosen,
+        "test_evaluated": evaluate_test,
         "seconds": time.perf_counter() - t0,
     }
     if out is not None:
@@ -263,8 +271,13 @@ def format_table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["results"].items():
-        n, h = r["test_NDCG@10"], r["test_HR@10"]
         tr = r.get("training") or {}
+        if "test_NDCG@10" not in r:  # validation-only run
+            lines.append(f"| {name} | {r['val_NDCG@10']:.4f} | - | - | - | - | "
+                         f"{r['heldout_persona_selection_accuracy']:.3f} | {tr.get('best_epoch', '-')} | "
+                         f"{tr.get('seconds', 0.0):.1f} |")
+            continue
+        n, h = r["test_NDCG@10"], r["test_HR@10"]
         lines.append(
             f"| {name} | {r['val_NDCG@10']:.4f} | {n['mean']:.4f} [{n['ci95'][0]:.4f}, {n['ci95'][1]:.4f}] | "
             f"{n.get('p_vs_none', float('nan')):.3g} | {h['mean']:.4f} [{h['ci95'][0]:.4f}, {h['ci95'][1]:.4f}] | "
