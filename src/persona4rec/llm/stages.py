@@ -326,7 +326,10 @@ def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterabl
         key = f"{req['user_id']}|{target}"
         meta = {"user_id": req["user_id"], "target_item_id": target,
                 "history_item_ids": [h["item_id"] for h in req["history"]]}
-        tasks.append(Task(key, messages, SELECTION_SCHEMA, lambda text, ids=ids: parse_selection(text, ids), meta))
+        # The enum lets grammar-constrained servers (and OpenAI structured outputs) emit only valid ids.
+        schema = json.loads(json.dumps(SELECTION_SCHEMA))
+        schema["properties"]["selection"]["enum"] = ids
+        tasks.append(Task(key, messages, schema, lambda text, ids=ids: parse_selection(text, ids), meta))
     return tasks
 
 
