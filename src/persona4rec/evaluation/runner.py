@@ -15,8 +15,6 @@ Protocol (leave-one-out by time, see :mod:`persona4rec.data.split`):
 from __future__ import annotations
 
 import html
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -257,8 +255,9 @@ class Evaluation:
             seed=self.config.seed)
 
     def build_profiles(self) -> None:
+        """Validation profiles from train history; test profiles add the validation review."""
         started = time.perf_counter()
-        d, c = self.data, self.config
+        d = self.data
         in_train = np.zeros(len(d.reviews), dtype=bool)
         in_train[d.split.train] = True
         by_user: dict[int, list[int]] = {}
@@ -653,13 +652,3 @@ def index_scores(index: Any, profiles: np.ndarray, history: sp.csr_matrix, users
     rows = np.repeat(np.arange(len(users)), ids.shape[1]).reshape(ids.shape)
     out[rows[valid], ids[valid]] = scores[valid]
     return out
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, float) and math.isinf(value):
-        return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
