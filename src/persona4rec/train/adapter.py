@@ -52,7 +52,7 @@ class AdapterConfig:
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.0  # decoupled (AdamW-style) decay of the residual towards 0
-    patience: int = 3  # epochs without validation improvement before stopping
+    patience: int = 5  # epochs without validation improvement before stopping
     min_delta: float = 0.0
     seed: int = 0
     lowrank_init_scale: float = 0.02  # std of the random factor P of a low-rank map

@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--patience", type=int, default=5)
     p.add_argument("--no-mask-same-user", action="store_true", help="keep in-batch negatives of the same user")
     p.add_argument("--no-mask-same-item", action="store_true", help="keep in-batch negatives of the same item")
     p.add_argument("--seed", type=int, default=0, help="training seed")
