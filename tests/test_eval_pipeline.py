@@ -141,6 +141,17 @@ def test_mi_pipeline_numbers_and_protocol(mi_report: tuple[dict, Path]) -> None:
         assert low <= m["test"]["NDCG@10"]["mean"] <= high
     assert all(0 < p["p_value"] <= 1 for p in report["p_values"])
     assert set(report["latency"]["per_user"]) >= {"popularity", "EASE", "persona max-sim"}
+    assert report["candidate_hit_rate"][first]["20"] == pytest.approx(ceilings[0], abs=1e-5)
+
+
+def test_evaluate_command_is_registered_with_its_options() -> None:
+    from persona4rec.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--tie-break", "file", "--max-personas", "3", "--no-plots"])
+    assert args.dataset == "amazon-mi-5core" and args.tie_break == "file" and args.max_personas == 3
+    assert args.no_plots and callable(args.func)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--tie-break", "latest"])
 
 
 def test_mi_report_files_and_explained_examples(mi_report: tuple[dict, Path]) -> None:

@@ -60,6 +60,11 @@ def render_markdown(report: dict[str, Any]) -> str:
            "| N | valid | test |", "|---|---|---|"]
     for n, v in report["rerank_ceiling_hr"].items():
         out.append(f"| {n} | {v['valid']:.4f} | {v['test']:.4f} |")
+    sizes = list(report["rerank_ceiling_hr"])
+    out += ["", "Test hit rate of each first-stage candidate list (its rerank ceiling):", "",
+            "| method | " + " | ".join(f"top-{n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for method, rates in report.get("candidate_hit_rate", {}).items():
+        out.append(f"| {method} | " + " | ".join(f"{rates[n]:.4f}" for n in sizes) + " |")
     out += ["", "## Paired bootstrap p-values (test NDCG@10)", "", "| A | B | mean A | mean B | p |",
             "|---|---|---|---|---|"]
     for p in report["p_values"]:

@@ -605,6 +605,10 @@ class Evaluation:
                          "rerank": "first stage top-N reordered; misses outside the list count as misses"},
             "choices": self.choices,
             "rerank_ceiling_hr": {str(n): v for n, v in self.ceilings.items()},
+            # Every CF method's top-N hit rate: the ceiling it would give as a first stage.
+            "candidate_hit_rate": {r.name: {str(n): round(float((r.test_ranks <= n).mean()), 5)
+                                            for n in c.candidate_sizes}
+                                   for r in self.results if r.setting == "full" and r.name in self.cf_scores},
             "methods": methods,
             "p_values": pvalues,
             "scenarios": scenarios,
