@@ -178,3 +178,28 @@ def test_validation_only_run_never_ranks_test(evaluation, monkeypatch):
     assert phases and set(phases) == {"valid"}
     assert "test_NDCG@10" not in summary["results"]["none"] and not summary["test_evaluated"]
     assert "| none |" in format_table(summary)
+
+
+def test_fusion_with_ease_chooses_alpha_on_validation(evaluation):
+    import persona4rec.train.experiment as ex
+    from persona4rec.evaluation.candidates import fuse
+    from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
+
+    summary = run_experiment(evaluation, config=AdapterConfig(epochs=1, batch_size=16), variants={"adapter": {}},
+                             fuse_ease=True)
+    ease = summary["EASE"]
+    assert "l2" in ease["params"] and "test_NDCG@10" in ease
+    for name in ("none", "adapter"):
+        fused = summary["results"][name]["fused_with_EASE"]
+        assert 0.0 <= fused["alpha"] <= 1.0 and "p_vs_EASE" in fused["test_NDCG@10"]
+    assert "p_vs_none_fused" in summary["results"]["adapter"]["fused_with_EASE"]["test_NDCG@10"]
+    assert "+ EASE" in format_table(summary)
+    # the chosen alpha is the validation argmax (ties: smallest)
+    scores, _ = ex.ease_scores(evaluation)
+    text = ex.score_phase(evaluation, evaluation.personas, Adapter.identity(evaluation.encoder.dim), "valid")
+    alpha, curve = ex.choose_alpha(text, scores["valid"], evaluation.data.valid_targets)
+    assert alpha == summary["results"]["none"]["fused_with_EASE"]["alpha"]
+    best = max(curve.values())
+    assert curve[f"{alpha:.2f}"] == best and all(float(a) >= alpha for a, v in curve.items() if v == best)
+    direct = float(ndcg(ranks_from_scores(fuse(text, scores["valid"], alpha), evaluation.data.valid_targets), 10).mean())
+    assert direct == pytest.approx(best)

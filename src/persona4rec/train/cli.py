@@ -47,6 +47,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for encoding (0 = all cores)")
     p.add_argument("--validation-only", action="store_true",
                    help="report validation numbers only (for choosing settings without looking at test)")
+    p.add_argument("--fuse-ease", action="store_true",
+                   help="also fuse each variant's persona scores with EASE (alpha and EASE l2 on validation)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -102,6 +104,6 @@ def run(args) -> int:
     for kind in kinds:
         summary = run_experiment(ev, persona_kind=kind, config=config, variants={n: DEFAULT_VARIANTS[n] for n in names},
                                  out_dir=args.out, progress=not args.no_progress, say=say,
-                                 evaluate_test=not args.validation_only)
+                                 evaluate_test=not args.validation_only, fuse_ease=args.fuse_ease)
         print(format_table(summary))
     return 0

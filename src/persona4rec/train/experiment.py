@@ -156,32 +156,76 @@ def validation_selection(ev, kind: str) -> HeldOutSelection:
     return HeldOutSelection(ev.valid_profiles, d.review_item[rows], pos)
 
 
+def _phase(ev, phase: str):
+    d = ev.data
+    if phase == "valid":
+        return ev.valid_profiles, d.train_matrix, d.valid_targets
+    if phase == "test":
+        return ev.test_profiles, d.test_history, d.test_targets
+    raise ValueError(f"phase must be 'valid' or 'test', got {phase!r}")
+
+
+def score_phase(ev, personas, adapter: Adapter, phase: str) -> np.ndarray:
+    """(users, items) max-sim scores through PersonaIndex, adapter on both sides, history -inf."""
+    from persona4rec.evaluation.runner import index_scores, make_index
+
+    profiles, history, _ = _phase(ev, phase)
+    mapped = replace(personas, vectors=adapter.apply_persona(personas.vectors)) if adapter.has_persona_map else personas
+    return index_scores(make_index(mapped), adapter.apply(profiles), history, ev.data.eval_users)
+
+
 def rank_phase(ev, personas, adapter: Adapter, phase: str) -> np.ndarray:
     """Ranks of the phase's targets under full ranking with the adapter applied on both sides."""
     from persona4rec.evaluation.metrics import ranks_from_scores
-    from persona4rec.evaluation.runner import index_scores, make_index
+
+    _, _, targets = _phase(ev, phase)
+    return ranks_from_scores(score_phase(ev, personas, adapter, phase), targets)
+
+
+def ease_scores(ev) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """EASE scores (history -inf) for both phases, its l2 chosen on validation NDCG@10 (the harness's grid)."""
+    from persona4rec.evaluation import baselines as bl
+    from persona4rec.evaluation.candidates import exclude_history
+    from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
+    from persona4rec.evaluation.runner import EASE_GRID
 
     d = ev.data
-    mapped = replace(personas, vectors=adapter.apply_persona(personas.vectors)) if adapter.has_persona_map else personas
-    index = make_index(mapped)
-    if phase == "valid":
-        profiles, history, targets = ev.valid_profiles, d.train_matrix, d.valid_targets
-    elif phase == "test":
-        profiles, history, targets = ev.test_profiles, d.test_history, d.test_targets
-    else:
-        raise ValueError(f"phase must be 'valid' or 'test', got {phase!r}")
-    scores = index_scores(index, adapter.apply(profiles), history, d.eval_users)
-    return ranks_from_scores(scores, targets)
+    grid = getattr(ev.config, "ease_grid", None) or EASE_GRID
+    best = None
+    for params in grid:
+        model = bl.EASE(**params).fit(d.train_matrix)
+        valid = exclude_history(model.score(d.train_matrix, d.eval_users), d.train_matrix, d.eval_users)
+        value = float(ndcg(ranks_from_scores(valid, d.valid_targets), 10).mean())
+        if best is None or value > best[0]:
+            best = (value, params, model, valid)
+    value, params, model, valid = best
+    test = exclude_history(model.score(d.test_history, d.eval_users), d.test_history, d.eval_users)
+    return {"valid": valid, "test": test}, {"params": dict(params), "val_NDCG@10": value}
+
+
+def choose_alpha(text_valid: np.ndarray, base_valid: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, float]]:
+    """The fusion weight with the best validation NDCG@10 (ties: the smaller alpha), and the curve."""
+    from persona4rec.evaluation.candidates import fuse
+    from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
+    from persona4rec.evaluation.runner import ALPHA_GRID
+
+    curve = {f"{a:.2f}": float(ndcg(ranks_from_scores(fuse(text_valid, base_valid, a), targets), 10).mean())
+             for a in ALPHA_GRID}
+    best = max(ALPHA_GRID, key=lambda a: (curve[f"{a:.2f}"], -a))
+    return float(best), curve
 
 
 def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfig | None = None,
                    variants: dict[str, dict[str, Any]] | None = None, out_dir: str | os.PathLike | None = None,
                    progress: bool = False, say: Callable[[str], Any] | None = None,
-                   evaluate_test: bool = True) -> dict[str, Any]:
+                   evaluate_test: bool = True, fuse_ease: bool = False) -> dict[str, Any]:
     """Train each variant (early stopping on validation NDCG@10); compare each with no training on test.
 
     ``evaluate_test=False`` reports validation numbers only: use it to choose settings, so
-    the test split is looked at once, for the settings chosen.
+    the test split is looked at once, for the settings chosen. ``fuse_ease=True`` also
+    fuses each variant's persona scores with EASE (the harness's formula; EASE's l2 and
+    the weight alpha chosen on validation NDCG@10) and compares on test with EASE alone
+    and with the untrained fusion.
     """
     from persona4rec.evaluation.metrics import ndcg, per_user_metrics
     from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
@@ -219,12 +263,42 @@ def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfi
 
     results: dict[str, Any] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
+    fused_user: dict[str, dict[str, np.ndarray]] = {}
+    ease_info = None
+    fused_entries: dict[str, dict[str, Any]] = {}
+    if fuse_ease:
+        from persona4rec.evaluation.candidates import fuse
+        from persona4rec.evaluation.metrics import ranks_from_scores
+
+        ease, ease_info = ease_scores(ev)
+        if evaluate_test:
+            fused_user["EASE"] = per_user_metrics(ranks_from_scores(ease["test"], ev.data.test_targets), (10,))
+            mean, lo, hi = bootstrap_ci(fused_user["EASE"]["NDCG@10"], n_resamples=n_boot, seed=ev.config.seed)
+            ease_info["test_NDCG@10"] = {"mean": mean, "ci95": [lo, hi]}
+    for name, adapter, report in runs:
+        if fuse_ease:
+            alpha, _ = choose_alpha(score_phase(ev, personas, adapter, "valid"), ease["valid"], ev.data.valid_targets)
+            fused: dict[str, Any] = {"alpha": alpha}
+            fused_entries[name] = fused
+            if evaluate_test:
+                fused_scores = fuse(score_phase(ev, personas, adapter, "test"), ease["test"], alpha)
+                fm = per_user_metrics(ranks_from_scores(fused_scores, ev.data.test_targets), (10,))
+                fused_user[name] = fm
+                for metric in ("NDCG@10", "HR@10"):
+                    mean, lo, hi = bootstrap_ci(fm[metric], n_resamples=n_boot, seed=ev.config.seed)
+                    fused[f"test_{metric}"] = {"mean": mean, "ci95": [lo, hi], "p_vs_EASE": paired_bootstrap_pvalue(
+                        fm[metric], fused_user["EASE"][metric], n_resamples=5 * n_boot, seed=ev.config.seed)}
+                    if name != "none":
+                        fused[f"test_{metric}"]["p_vs_none_fused"] = paired_bootstrap_pvalue(
+                            fm[metric], fused_user["none"][metric], n_resamples=5 * n_boot, seed=ev.config.seed)
     for name, adapter, report in runs:
         acc, n_sel, chance = held_out.accuracy(adapter, personas.vectors, personas.offsets)
         entry: dict[str, Any] = {"val_NDCG@10": val_ndcg(adapter), "heldout_persona_selection_accuracy": acc}
         if report is not None:
             entry["training"] = {k: report[k] for k in ("best_epoch", "epochs_run", "seconds", "best_val_metric",
                                                          "stopped_early")}
+        if name in fused_entries:
+            entry["fused_with_EASE"] = fused_entries[name]
         results[name] = entry
         if not evaluate_test:
             continue
@@ -252,6 +326,7 @@ def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfi
         "results": results,
         "chosen_on_validation": chosen,
         "test_evaluated": evaluate_test,
+        "EASE": ease_info,
         "seconds": time.perf_counter() - t0,
     }
     if out is not None:
@@ -284,6 +359,22 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{h.get('p_vs_none', float('nan')):.3g} | {r['heldout_persona_selection_accuracy']:.3f} | "
             f"{tr.get('best_epoch', '-')} | {tr.get('seconds', 0.0):.1f} |"
         )
+    if summary.get("EASE"):
+        e = summary["EASE"]
+        lines += ["", f"Fused with EASE (l2 {e['params'].get('l2')}, val NDCG@10 {e['val_NDCG@10']:.4f}"
+                  + (f", test NDCG@10 {e['test_NDCG@10']['mean']:.4f} [{e['test_NDCG@10']['ci95'][0]:.4f}, "
+                     f"{e['test_NDCG@10']['ci95'][1]:.4f}]" if "test_NDCG@10" in e else "") + "):", "",
+                  "| variant | alpha (on validation) | test NDCG@10 [95% CI] | p vs EASE | p vs untrained fusion | "
+                  "test HR@10 [95% CI] | p vs EASE |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in summary["results"].items():
+            f = r.get("fused_with_EASE")
+            if not f or "test_NDCG@10" not in f:
+                continue
+            n, h = f["test_NDCG@10"], f["test_HR@10"]
+            lines.append(f"| {name} + EASE | {f['alpha']:.2f} | {n['mean']:.4f} [{n['ci95'][0]:.4f}, {n['ci95'][1]:.4f}] "
+                         f"| {n['p_vs_EASE']:.3g} | {n.get('p_vs_none_fused', float('nan')):.3g} | "
+                         f"{h['mean']:.4f} [{h['ci95'][0]:.4f}, {h['ci95'][1]:.4f}] | {h['p_vs_EASE']:.3g} |")
     lines.append("")
     lines.append(f"held-out persona selection: {d['heldout_selection_pairs']} validation interactions whose item has "
                  f">= 2 personas; chance {d['heldout_selection_chance']:.3f}. "
