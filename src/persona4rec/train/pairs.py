@@ -13,8 +13,6 @@ Labels come from
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 import re
@@ -204,17 +202,12 @@ _SELECTION_RE = re.compile(r"selection\W{0,8}", re.IGNORECASE)
 _PID_RE = re.compile(r"^P(\d+)$")
 
 
-def _open_text(path: str | os.PathLike) -> io.TextIOBase:
-    path = os.fspath(path)
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a (gzip) JSON-lines file; blank lines skipped, bad lines raise with a line number."""
+    from persona4rec.data.loaders import open_text  # gzip detected by magic bytes
+
     rows = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
