@@ -207,7 +207,7 @@ def test_selection_requests_use_training_reviews_in_time_order():
 def test_one_review_items_get_exactly_one_persona_in_the_prompt_and_schema():
     prompts = load_prompt_set("product")
     [task] = persona_tasks([aspect_record(make_reviews()[0])], prompts)
-    assert "exactly 1 personas" in task.messages[1]["content"]
+    assert "Write exactly 1 persona." in task.messages[1]["content"]
     assert task.schema["properties"]["personas"]["maxItems"] == 1
 
 

@@ -202,7 +202,7 @@ def persona_tasks(aspect_records: Iterable[dict[str, Any]], prompts: PromptSet,
         low, high = persona_count_range(len(recs))
         # Ask for no more personas than there are reviews to ground them; the schema keeps the 2-7 range.
         suggested = min(high, max(low, len(recs)))
-        rule = f"exactly {low}" if suggested == low else f"between {low} and {suggested}"
+        rule = f"exactly {low} persona{'s' * (low > 1)}" if suggested == low else f"between {low} and {suggested} personas"
         item = (items or {}).get(item_id, {})
         evidence = "\n".join(_evidence_line(i, r, fields) for i, r in enumerate(recs, 1))
         messages = prompts.render("personas", item_title=item.get("title") or item_id,
