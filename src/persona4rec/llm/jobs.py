@@ -384,4 +384,6 @@ def _progress_bar(total: int, stage: str, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=stage, unit="call", file=sys.stderr, dynamic_ncols=True)
+    # Redirected to a log (CI), redraw rarely so the log stays readable.
+    return tqdm(total=total, desc=stage, unit="call", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
