@@ -88,7 +88,8 @@ def test_hang_past_timeout_is_retried():
 
 def test_connection_refused_is_retried_then_gives_up():
     with StubServer(scripted()) as s:
-        dead = config(s, base_url="http://127.0.0.1:9/v1", max_retries=2)  # port 9 (discard): nothing listens
+        pass  # the server is gone: its port now refuses connections
+    dead = config(s, max_retries=2)
     with pytest.raises(RetriesExhausted) as info:
         complete(dead)
     assert len(info.value.attempts) == 3
