@@ -210,7 +210,9 @@ class BPR:
         self.train_epochs(self.epochs)
         return self
 
-    def _fold_in(self, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+    def fold_in(self, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+        """User factors for ``users`` given ``history``: the trained ones where the history
+        equals train, else re-fitted with the item factors frozen."""
         assert self._train is not None and self.user_factors is not None
         user_f = self.user_factors[users].copy()
         sub = history[users].tocsr()
@@ -232,7 +234,7 @@ class BPR:
 
     def score(self, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
         assert self.item_factors is not None, "fit first"
-        user_f = self._fold_in(history, users)
+        user_f = self.fold_in(history, users)
         return (user_f @ self.item_factors.T + self.item_bias[None, :]).astype(np.float32)
 
     def params(self) -> dict[str, Any]:

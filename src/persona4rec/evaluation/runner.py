@@ -447,7 +447,7 @@ class Evaluation:
         knn = self.cf_models["ItemKNN"].similarity
         ease = self.cf_models["EASE"].weights
         bpr = self.cf_models["BPR"]
-        bpr_users = bpr._fold_in(history, d.eval_users)
+        bpr_users = bpr.fold_in(history, d.eval_users)
         first_n = max(self.config.candidate_sizes)
         fused_alpha = next(r.params["alpha"] for r in self.results
                            if r.setting == f"rerank@{first_n}" and r.name.startswith("fused"))
