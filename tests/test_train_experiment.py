@@ -203,3 +203,27 @@ def test_fusion_with_ease_chooses_alpha_on_validation(evaluation):
     assert curve[f"{alpha:.2f}"] == best and all(float(a) >= alpha for a, v in curve.items() if v == best)
     direct = float(ndcg(ranks_from_scores(fuse(text, scores["valid"], alpha), evaluation.data.valid_targets), 10).mean())
     assert direct == pytest.approx(best)
+
+
+@pytest.mark.slow
+def test_pairs_on_real_mi5core_come_only_from_training_interactions():
+    import os
+    from pathlib import Path
+
+    from persona4rec.evaluation.runner import EvaluationConfig
+
+    root = os.environ.get("PERSONA4REC_SHARED")
+    data_dir = Path(root or "") / "data" / "amazon-mi-5core"
+    if not root or not (data_dir / "reviews_Musical_Instruments_5.json.gz").is_file():
+        pytest.skip("PERSONA4REC_SHARED with data/amazon-mi-5core is not available")
+    ev = prepare_evaluation(EvaluationConfig(data_dir=str(data_dir)), _HashEncoder(), cache=False)
+    d = ev.data
+    targets, histories = training_histories(ev)
+    assert len(d.eval_users) == 1429
+    # every train review except each user's first is a target; held-out reviews never are
+    assert len(targets) == len(d.split.train) - len(np.unique(d.review_user[d.split.train]))
+    held_out = set(d.split.valid.tolist()) | set(d.split.test.tolist())
+    assert not held_out & set(targets.tolist())
+    assert not held_out & set(np.concatenate(histories).tolist())
+    pairs = training_pairs(ev, "extractive")
+    assert len(pairs) == len(targets)
