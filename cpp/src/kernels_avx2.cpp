@@ -6,6 +6,10 @@
 
 #include "persona4rec/kernels.hpp"
 
+#ifndef P4R_PREFETCH_GROUPS
+#define P4R_PREFETCH_GROUPS 2
+#endif
+
 namespace persona4rec {
 
 namespace {
@@ -38,8 +42,15 @@ void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
   const std::size_t body = d & ~std::size_t(31);
   const __m256i ones16 = _mm256_set1_epi16(1);
   std::size_t r = 0;
+  // Rows ahead of the current group are prefetched: the fused catalog scan reads from
+  // DRAM, and the hardware prefetcher alone leaves about a third of the bandwidth unused.
+  const std::size_t group_bytes = 4 * d;
+  const int8_t* end = rows + n_rows * d;
   // Four rows at a time share each query load and give four independent chains.
   for (; r + 4 <= n_rows; r += 4) {
+    const int8_t* ahead = rows + r * d + P4R_PREFETCH_GROUPS * group_bytes;
+    for (std::size_t off = 0; off < group_bytes && ahead + off < end; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
     const int8_t* v0 = rows + (r + 0) * d;
     const int8_t* v1 = rows + (r + 1) * d;
     const int8_t* v2 = rows + (r + 2) * d;

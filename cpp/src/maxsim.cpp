@@ -70,12 +70,18 @@ void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_cod
   const QueryCodes q{q_codes, q_code_sum};
   std::vector<int32_t> dots(std::max<std::size_t>(m.max_group, 1));
   const std::size_t d = m.d;
+  // Candidates are scattered over the catalog: fetch the next item's rows while scoring
+  // this one. One item (about 30 cache lines at d=384, P=5) already fills the line-fill
+  // buffers; looking 4 items ahead measured no better on this machine.
+  constexpr std::size_t kAhead = 1;
+  auto prefetch_item = [&](std::size_t c) {
+    const int64_t it = candidates[c];
+    prefetch_rows(m.codes + std::size_t(m.offsets[it]) * d,
+                  std::size_t(m.offsets[it + 1] - m.offsets[it]) * d);
+  };
+  for (std::size_t c = 0; c < std::min(kAhead, n_candidates); ++c) prefetch_item(c);
   for (std::size_t c = 0; c < n_candidates; ++c) {
-    if (c + 1 < n_candidates) {
-      const int64_t nxt = candidates[c + 1];
-      prefetch_rows(m.codes + std::size_t(m.offsets[nxt]) * d,
-                    std::size_t(m.offsets[nxt + 1] - m.offsets[nxt]) * d);
-    }
+    if (c + kAhead < n_candidates) prefetch_item(c + kAhead);
     const int64_t item = candidates[c];
     const std::size_t p0 = std::size_t(m.offsets[item]);
     const std::size_t n = std::size_t(m.offsets[item + 1]) - p0;
