@@ -456,3 +456,26 @@ def test_int_id_lookup_table_and_fallback():
     assert set(index.rerank(user, np.array([10**12, ids[0]])).ids) == {10**12, ids[0]}
     index.remove_items([ids[7]])
     assert index.rerank(user, [ids[7], ids[1]], unknown="skip").ids == [ids[1]]
+
+
+def test_native_rerank_by_id_matches_the_python_path():
+    # String ids take the one-call native path when there are no base scores; with base
+    # scores and alpha=1 the Python path computes the same ranking.
+    index, ids, vectors, offsets = make_index(n_items=80, d=24, personas=False)
+    rng = np.random.default_rng(12)
+    index.add_items(["dup"], vectors[offsets[5]:offsets[6]].copy(), [0, offsets[6] - offsets[5]])  # ties item 5
+    index.remove_items([ids[9]])
+    user = unit_rows(rng, 1, 24)[0]
+    cand = [ids[i] for i in rng.choice(80, 40, replace=False)] + ["dup", ids[5]]
+    cand = [c for c in cand if c != ids[9]]
+    fast = index.rerank(user, cand)
+    slow = index.rerank(user, cand, base_scores=np.zeros(len(cand)), alpha=1.0)
+    assert fast.ids == slow.ids
+    np.testing.assert_array_equal(fast.scores, slow.scores)
+    np.testing.assert_array_equal(fast.persona_rows, slow.persona_rows)
+    assert fast.ids.index("dup") < fast.ids.index(ids[5]) or cand.index(ids[5]) < cand.index("dup")
+    with pytest.raises(UnknownItemError, match=repr(ids[9])):
+        index.rerank(user, cand + [ids[9]])
+    assert index.rerank(user, cand + [ids[9], "nope"], unknown="skip").ids == fast.ids
+    with pytest.raises(TypeError):
+        index.rerank(user, [["unhashable"]])

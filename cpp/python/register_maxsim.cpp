@@ -183,6 +183,73 @@ class MaxSimIndex {
     return py::make_tuple(scores, persona);
   }
 
+  // The rerank hot path for ids that need a dict lookup (string ids): map ids to item
+  // indices through `id_to_index`, score, and sort best first (ties in input order), in
+  // one call. Ids that are missing, at or beyond `n_visible`, or flagged in `removed` are
+  // skipped and counted. Returns (ids, scores, persona_rows, n_unknown), ids being the
+  // caller's own objects.
+  py::tuple rerank_by_id_py(const py::object& query, const py::object& candidates,
+                            const py::dict& id_to_index, long long n_visible,
+                            const py::object& removed) {
+    PreparedQueries q = prepare(query, 1);
+    const uint8_t* removed_mask = nullptr;
+    py::array removed_arr;
+    if (!removed.is_none()) {
+      removed_arr = require<uint8_t>(removed, "removed", 1);
+      if (std::size_t(removed_arr.shape(0)) != m_.n_items)
+        throw py::value_error("removed must have one entry per item");
+      removed_mask = static_cast<const uint8_t*>(removed_arr.data());
+    }
+    py::object seq = py::reinterpret_steal<py::object>(
+        PySequence_Fast(candidates.ptr(), "candidate ids must be a sequence"));
+    if (!seq) throw py::error_already_set();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    std::vector<int64_t> idx;
+    std::vector<Py_ssize_t> pos;
+    idx.reserve(std::size_t(n));
+    pos.reserve(std::size_t(n));
+    const int64_t limit = std::min<int64_t>(n_visible, int64_t(m_.n_items));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* found = PyDict_GetItemWithError(id_to_index.ptr(), items[i]);
+      if (found == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();  // e.g. an unhashable id
+        continue;
+      }
+      const long long v = PyLong_AsLongLong(found);
+      if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (v < 0 || v >= limit || (removed_mask != nullptr && removed_mask[v])) continue;
+      idx.push_back(int64_t(v));
+      pos.push_back(i);
+    }
+    const std::size_t m = idx.size();
+    std::vector<float> scores(m);
+    std::vector<int64_t> rows(m);
+    std::vector<std::size_t> order(m);
+    {
+      py::gil_scoped_release release;
+      score_candidates(m_, active_dot_rows(), q.codes.data(), q.scales[0], q.batch.code_sums[0],
+                       idx.data(), m, scores.data(), rows.data());
+      for (std::size_t j = 0; j < m; ++j) order[j] = j;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::size_t a, std::size_t b) { return scores[a] > scores[b]; });
+    }
+    py::list ids(m);
+    py::array_t<float> out_scores(static_cast<py::ssize_t>(m));
+    py::array_t<int64_t> out_rows(static_cast<py::ssize_t>(m));
+    float* os = out_scores.mutable_data();
+    int64_t* orows = out_rows.mutable_data();
+    for (std::size_t j = 0; j < m; ++j) {
+      const std::size_t o = order[j];
+      PyObject* obj = items[pos[o]];
+      Py_INCREF(obj);
+      PyList_SET_ITEM(ids.ptr(), Py_ssize_t(j), obj);
+      os[j] = scores[o];
+      orows[j] = rows[o];
+    }
+    return py::make_tuple(ids, out_scores, out_rows, std::size_t(n) - m);
+  }
+
   std::size_t n_items() const { return m_.n_items; }
   std::size_t n_personas() const { return m_.n_personas; }
   std::size_t dim() const { return m_.d; }
@@ -245,6 +312,10 @@ void register_maxsim(py::module_& m) {
            py::arg("candidates"), py::arg("n_threads") = 1,
            "Rerank a batch: query i scores the items candidates[1][candidates[0][i]:candidates[0][i+1]]; "
            "returns flat (scores, persona_rows) aligned with the candidate items.")
+      .def("rerank_by_id", &MaxSimIndex::rerank_by_id_py, py::arg("query"), py::arg("candidates"),
+           py::arg("id_to_index"), py::arg("n_visible"), py::arg("removed") = py::none(),
+           "Map candidate ids through a dict, score and sort them best first (ties in input "
+           "order): (ids, scores, persona_rows, n_unknown); unknown ids are skipped.")
       .def("topk", &MaxSimIndex::topk_py, py::arg("queries"), py::arg("k"),
            py::arg("allow") = py::none(), py::arg("deny") = py::none(),
            py::arg("exclude_mask") = py::none(), py::arg("n_threads") = 1,

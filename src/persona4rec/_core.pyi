@@ -27,6 +27,14 @@ class MaxSimIndex:
         candidates: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
         n_threads: int = 1,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+    def rerank_by_id(
+        self,
+        query: npt.NDArray[np.float32],
+        candidates: Any,
+        id_to_index: dict[Any, int],
+        n_visible: int,
+        removed: npt.NDArray[np.uint8] | None = None,
+    ) -> tuple[list[Any], npt.NDArray[np.float32], npt.NDArray[np.int64], int]: ...
     def topk(
         self,
         queries: npt.NDArray[np.float32],

@@ -189,6 +189,12 @@ class _IdMap:
     def mapping(self) -> dict:
         return self._built()
 
+    @property
+    def needs_dict_lookup(self) -> bool:
+        """True when ids map through the dict (string ids, or ints outside a compact range)."""
+        self._built()
+        return self._table is None
+
     def lookup_many(self, ids: Sequence) -> np.ndarray:
         """Dense indices of ``ids`` (-1 for unknown ones)."""
         mapping = self._built()
@@ -465,6 +471,12 @@ class PersonaIndex:
         if not single:
             raise ValueError("rerank takes one user vector (1-D); loop or use search() for batches")
         cand = candidate_ids if isinstance(candidate_ids, (list, tuple, np.ndarray)) else list(candidate_ids)
+        if base_scores is None and snap.id_to_index.needs_dict_lookup and unknown in ("error", "skip"):
+            # Hot path for string ids: lookup, scoring and sorting in one native call.
+            ids, scores, rows, n_unknown = snap.core.rerank_by_id(
+                q, cand, snap.id_to_index.mapping(), snap.n_items, snap.removed)
+            if n_unknown == 0 or unknown == "skip":
+                return RerankResult(ids, scores, scores, rows, self, snap)
         idx, pos = self._indices(snap, cand, unknown, "candidate ids")
         persona_scores, rows = snap.core.score_candidates(q, idx)
         fused = persona_scores
