@@ -20,17 +20,37 @@ namespace persona4rec {
 
 namespace {
 
+// The portable loops: the whole row on targets without SSE2, the tails otherwise.
+// Folds |x| of row[from:d] into `m` and clears `finite` on NaN or infinity.
+inline void tail_max_abs(const float* row, std::size_t from, std::size_t d, float& m, bool& finite) {
+  for (std::size_t j = from; j < d; ++j) {
+    const float a = std::fabs(row[j]);
+    finite &= std::isfinite(a);
+    m = a > m ? a : m;
+  }
+}
+
+inline void tail_codes(const float* row, std::size_t from, std::size_t d, float inv, int8_t* out) {
+  for (std::size_t j = from; j < d; ++j) {
+    float v = std::nearbyint(row[j] * inv);
+    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+    out[j] = int8_t(v);
+  }
+}
+
 // Row statistics and rounding. On x86-64, SSE2 is part of the baseline ISA, so these
-// intrinsics need no dispatch; other targets use the portable loops below.
-#if defined(__SSE2__)
+// intrinsics need no dispatch.
 
 // max |x| over the row; false if any entry is NaN or infinite.
 inline bool row_max_abs(const float* row, std::size_t d, float& out) {
+  float m = 0.0f;
+  bool finite = true;
+  std::size_t j = 0;
+#if defined(__SSE2__)
   const __m128 sign = _mm_set1_ps(-0.0f);
   const __m128 inf = _mm_set1_ps(std::numeric_limits<float>::infinity());
   __m128 vmax = _mm_setzero_ps();
   __m128 bad = _mm_setzero_ps();
-  std::size_t j = 0;
   for (; j + 4 <= d; j += 4) {
     const __m128 x = _mm_loadu_ps(row + j);
     const __m128 a = _mm_andnot_ps(sign, x);
@@ -39,23 +59,19 @@ inline bool row_max_abs(const float* row, std::size_t d, float& out) {
   }
   float lanes[4];
   _mm_storeu_ps(lanes, vmax);
-  float m = lanes[0] > lanes[1] ? lanes[0] : lanes[1];
-  m = m > lanes[2] ? m : lanes[2];
-  m = m > lanes[3] ? m : lanes[3];
-  bool finite = _mm_movemask_ps(bad) == 0;
-  for (; j < d; ++j) {
-    const float a = std::fabs(row[j]);
-    finite &= std::isfinite(a);
-    m = a > m ? a : m;
-  }
+  for (float lane : lanes) m = lane > m ? lane : m;
+  finite = _mm_movemask_ps(bad) == 0;
+#endif
+  tail_max_abs(row, j, d, m, finite);
   out = m;
   return finite;
 }
 
 // codes = round_half_even(row * inv); |row * inv| <= 127 (up to rounding) by construction.
 inline void row_codes(const float* row, std::size_t d, float inv, int8_t* out) {
-  const __m128 vinv = _mm_set1_ps(inv);
   std::size_t j = 0;
+#if defined(__SSE2__)
+  const __m128 vinv = _mm_set1_ps(inv);
   for (; j + 16 <= d; j += 16) {
     // cvtps rounds half to even in the default rounding mode, like numpy.rint.
     const __m128i a = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(row + j), vinv));
@@ -64,40 +80,12 @@ inline void row_codes(const float* row, std::size_t d, float inv, int8_t* out) {
     const __m128i e = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(row + j + 12), vinv));
     const __m128i packed = _mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, e));
     // Saturation can only produce -128 from inputs below -127.5, which cannot occur; the
-    // max keeps the [-127, 127] invariant explicit anyway.
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j),
-                     clamp_to_minus_127(packed));
+    // clamp keeps the [-127, 127] invariant explicit anyway.
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), clamp_to_minus_127(packed));
   }
-  for (; j < d; ++j) {
-    float v = std::nearbyint(row[j] * inv);
-    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-    out[j] = int8_t(v);
-  }
-}
-
-#else
-
-inline bool row_max_abs(const float* row, std::size_t d, float& out) {
-  float m = 0.0f;
-  bool finite = true;
-  for (std::size_t j = 0; j < d; ++j) {
-    const float a = std::fabs(row[j]);
-    finite &= std::isfinite(a);
-    m = a > m ? a : m;
-  }
-  out = m;
-  return finite;
-}
-
-inline void row_codes(const float* row, std::size_t d, float inv, int8_t* out) {
-  for (std::size_t j = 0; j < d; ++j) {
-    float v = std::nearbyint(row[j] * inv);
-    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-    out[j] = int8_t(v);
-  }
-}
-
 #endif
+  tail_codes(row, j, d, inv, out);
+}
 
 }  // namespace
 
