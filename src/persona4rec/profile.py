@@ -193,13 +193,18 @@ class AspectSummaryTemplate:
         return "\n".join(parts)
 
     def __call__(self, record: Mapping[str, Any]) -> Interaction:
-        item = record.get(self.item_field)
-        return Interaction(
-            self.render(record),
-            _optional_number(record, self.rating_field),
-            _optional_timestamp(record, self.timestamp_field),
-            None if item is None else str(item),
-        )
+        return _interaction(self, record)
+
+
+def _interaction(template: Any, record: Mapping[str, Any]) -> Interaction:
+    """One record through a template with ``render`` and rating/timestamp/item field names."""
+    item = record.get(template.item_field)
+    return Interaction(
+        template.render(record),
+        _optional_number(record, template.rating_field),
+        _optional_timestamp(record, template.timestamp_field),
+        None if item is None else str(item),
+    )
 
 
 @dataclass(frozen=True)
@@ -220,13 +225,7 @@ class ReviewTextTemplate:
         return ". ".join(p.rstrip(".") if i < 2 else p for i, p in enumerate(_clean(record.get(f)) for f in fields) if p)
 
     def __call__(self, record: Mapping[str, Any]) -> Interaction:
-        item = record.get(self.item_field)
-        return Interaction(
-            self.render(record),
-            _optional_number(record, self.rating_field),
-            _optional_timestamp(record, self.timestamp_field),
-            None if item is None else str(item),
-        )
+        return _interaction(self, record)
 
 
 TEMPLATES: dict[str, InteractionTemplate] = {
