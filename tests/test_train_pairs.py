@@ -189,3 +189,50 @@ def test_exclude_leaves_a_persona_out_of_labels_and_hard_negatives():
     np.testing.assert_array_equal(pairs.hard_negatives[0, 0], bank[2])
     with pytest.raises(ValueError, match="excluded"):
         TrainingPairs.from_persona_bank(reviews[:1], bank, ptr, [0], [1], exclude=[1])
+
+
+# --- one selection rule for live answers and stored rows ----------------------------
+
+
+def test_choice_after_the_marker_beats_ids_mentioned_in_the_reasoning():
+    from persona4rec.train.pairs import find_selection
+
+    text = "B0X_P2 was close, but the user avoids loud gear.\nSelection:\n\n1. B0X quiet player"
+    found = find_selection(text, item_id="B0X")
+    assert (found.persona_id, found.source) == ("P1", "reasoning_number")
+    assert text[: found.marker[0]].rstrip().endswith("loud gear.")
+    # nothing usable after the marker: the lenient read falls back to the last id in the text
+    found = find_selection("I weighed B0X_P1 against B0X_P3. Selection: the second fan", item_id="B0X")
+    assert (found.persona_id, found.source) == ("P3", "reasoning_id")
+    # the strict read (live answers, which can be repaired) does not
+    assert find_selection("I weighed B0X_P1 against B0X_P3. Selection: the fan", item_id="B0X",
+                          strict=True).persona_id is None
+    # a marker without a colon only counts in the lenient read
+    assert find_selection("My selection 3. B0X_P3", strict=True).marker is None
+    assert find_selection("My selection 3. ok").persona_id == "P3"
+
+
+def test_live_parser_and_row_parser_share_the_rule():
+    pytest.importorskip("httpx")  # persona4rec.llm needs the llm extra
+    from persona4rec.llm import stages
+    from persona4rec.train import pairs
+
+    assert stages.find_selection is pairs.find_selection
+    ids = [f"B0X_P{k}" for k in range(1, 5)]
+    for text, k in [("Fits.\n**Selection:** 2. B0X_P3", 3), ("Fits. Selection: P4", 4),
+                    ("Fits. **Final selection**: 1", 1), ("Fits. Selection:\n2. B0X_P2", 2)]:
+        assert stages.parse_selection(text, ids)["selected_index"] == k
+        row = {"user_id": "u", "target_item_id": "B0X", "selected_persona_id": "P1", "selection_reasoning": text}
+        assert parse_selection(row).persona_id == f"P{k}"
+
+
+def test_published_rows_read_the_same_live_and_stored():
+    pytest.importorskip("httpx")
+    from persona4rec.llm.stages import parse_selection as parse_answer
+
+    for source in ("amazon", "yelp"):
+        rows = read_jsonl(_shared_sample() / source / "4_selected_personas.jsonl.gz")
+        for row in rows:
+            ids = [f"{row['target_item_id']}_P{k}" for k in range(1, 8)]
+            live = parse_answer(row["selection_reasoning"], ids)["selected_index"]
+            assert parse_selection(row).persona_id == f"P{live}"

@@ -20,6 +20,8 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
+from persona4rec.train.pairs import find_selection, read_choice
+
 from .client import ChatClient, ClientConfig
 from .jobs import JobRunner, RunSummary, Task
 from .prompts import PromptSet
@@ -216,23 +218,19 @@ def persona_tasks(aspect_records: Iterable[dict[str, Any]], prompts: PromptSet,
 
 # ---------------------------------------------------------------- selection
 
-_SELECTION_MARK = re.compile(r"[*_#\s]*\b(?:final\s+)?(?:selection|selected persona|choice|answer)\b[*_\s]*[:\-]",
-                             re.IGNORECASE)
 _JSON_CHOICE_KEYS = ("selection", "selected_persona_id", "persona_id", "selected_persona", "choice", "persona")
 
 
 def _resolve_choice(choice: str, persona_ids: list[str]) -> int:
     """1-based index of the persona named by ``choice`` ("P2", "2. X_P2", "X_P2", "2")."""
-    full = {pid: n for n, pid in enumerate(persona_ids, 1)}
-    found = [full[pid] for pid in persona_ids if re.search(re.escape(pid) + r"(?![0-9])", choice)]
-    if not found:
-        found = [int(m) for m in re.findall(r"(?<![A-Za-z0-9])P(\d+)\b", choice)]
-    if not found:
-        number = re.match(r"\s*[#(\[]?(\d+)\b", choice)
-        found = [int(number.group(1))] if number else []
-    if not found:
+    pid, _ = read_choice(choice, persona_ids=persona_ids)
+    return _checked_index(pid, choice, persona_ids)
+
+
+def _checked_index(pid: str | None, choice: str, persona_ids: list[str]) -> int:
+    if pid is None:
         raise SchemaError(f"the selection {choice.strip()[:60]!r} names no persona; answer with one of {persona_ids}")
-    index = found[0]
+    index = int(pid[1:])
     if not 1 <= index <= len(persona_ids):
         raise SchemaError(f"the selection names persona {index}, but only {persona_ids} exist")
     return index
@@ -243,7 +241,10 @@ def parse_selection(text: str, persona_ids: list[str]) -> dict[str, Any]:
 
     Handles the forms gpt-4o-mini produced for the paper ("Selection: 3. X_P3",
     "**Selection:** 2. X_P2") as well as ``{"reasoning": ..., "selection": "X_P2"}``.
-    When the prose carries both a number and a persona id, the id wins.
+    When the prose carries both a number and a persona id, the id wins. Prose is read by
+    :func:`persona4rec.train.pairs.find_selection` (strict: only the line after the last
+    "Selection:" marker counts), the same rule that reads stored judge rows for training;
+    a missing, unresolvable or out-of-range choice raises :class:`SchemaError` for repair.
     """
     stripped = text.strip()
     if not stripped:
@@ -261,12 +262,11 @@ def parse_selection(text: str, persona_ids: list[str]) -> dict[str, Any]:
         reasoning = str(value.get("reasoning") or value.get("reason") or "").strip()
         index = _resolve_choice(str(choice), persona_ids)
     else:
-        marks = list(_SELECTION_MARK.finditer(stripped))
-        if not marks:
+        found = find_selection(stripped, persona_ids=persona_ids, strict=True)
+        if found.marker is None:
             raise SchemaError('no "Selection:" found; end with "Selection: <persona id>" or answer in JSON')
-        last = marks[-1]
-        index = _resolve_choice(stripped[last.end():].split("\n", 1)[0], persona_ids)
-        reasoning = stripped[: last.start()].strip()
+        index = _checked_index(found.persona_id, found.choice, persona_ids)
+        reasoning = stripped[: found.marker[0]].strip()
     reasoning = re.sub(r"^(?:[*_#\s]*(?:reasoning|explanation)?[*_\s]*[:\-]?)", "", reasoning, flags=re.I).strip()
     reasoning = reasoning.strip("* \n")
     if not reasoning:

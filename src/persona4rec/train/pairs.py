@@ -198,8 +198,117 @@ class JudgeSelection:
     field_persona_id: str | None  # what the row's selected_persona_id field says
 
 
-_SELECTION_RE = re.compile(r"selection\W{0,8}", re.IGNORECASE)
+# A "Selection:" marker as the judge prompt asks for it ("Selection:", "**Selection:**",
+# "Final selection:", "Selected persona -", "Answer:"): the word, then a colon or dash.
+_STRICT_MARK = re.compile(r"[*_#\s]*\b(?:final\s+)?(?:selection|selected persona|choice|answer)\b[*_\s]*[:\-]",
+                          re.IGNORECASE)
+# Any "selection" word, for stored rows whose marker lost its colon ("Selection 3. X_P3").
+_LOOSE_MARK = re.compile(r"\bselection\b\W{0,8}", re.IGNORECASE)
+_BARE_PID = re.compile(r"(?<![A-Za-z0-9])P(\d+)\b")
+_LEADING_NUMBER = re.compile(r"[#(\[]?(\d{1,2})\b")
 _PID_RE = re.compile(r"^P(\d+)$")
+
+
+@dataclass(frozen=True)
+class SelectionMatch:
+    """Where a judge's text names its persona (see :func:`find_selection`)."""
+
+    persona_id: str | None  # "P<k>" (k-th persona of the item, 1-based), or a persona_names key; None: not found
+    source: str  # "reasoning_id" | "reasoning_number" | "reasoning_name" | "none"
+    marker: tuple[int, int] | None = None  # span of the last selection marker (the reasoning is text[:start])
+    choice: str = ""  # the text read as the choice (the line after the marker)
+
+    @property
+    def number(self) -> int | None:
+        m = _PID_RE.match(self.persona_id or "")
+        return int(m.group(1)) if m else None
+
+
+def _id_tokens(text: str, persona_ids: Sequence[str] | None, item_id: str | None) -> list[tuple[int, str]]:
+    """(position, "P<k>") of every full persona id in ``text``: one of ``persona_ids`` (the k-th
+    in the list) or an ``<item_id>_P<k>`` token."""
+    found: list[tuple[int, str]] = []
+    for k, pid in enumerate(persona_ids or (), 1):
+        found += [(m.start(), f"P{k}") for m in re.finditer(re.escape(pid) + r"(?![0-9])", text)]
+    if item_id:
+        found += [(m.start(), f"P{int(m.group(1))}") for m in re.finditer(re.escape(item_id) + r"_P(\d+)\b", text)]
+    return sorted(found)
+
+
+def _name_hit(text: str, persona_names: Mapping[str, str] | None) -> str | None:
+    """The persona (key of ``persona_names``) whose name occurs last in ``text``."""
+    low = text.lower()
+    hits = [(low.rfind(name.lower()), pid) for pid, name in (persona_names or {}).items() if name and name.lower() in low]
+    return max(hits)[1] if hits else None
+
+
+def read_choice(
+    choice: str,
+    *,
+    persona_ids: Sequence[str] | None = None,
+    item_id: str | None = None,
+    persona_names: Mapping[str, str] | None = None,
+) -> tuple[str | None, str]:
+    """The persona one choice string names ("X_P3", "3. X_P3", "P3", "3", a quoted name).
+
+    Order of trust: a full persona id (first in the text; one of ``persona_ids``, whose k-th
+    entry is "P<k>", or ``<item_id>_P<k>``), then a bare "P<k>", then a number at the start,
+    then a persona name (``persona_names``: id -> name). Returns ("P<k>" or a names key,
+    source) or (None, "none"); no range check (the caller knows how many personas exist).
+    """
+    tokens = _id_tokens(choice, persona_ids, item_id)
+    if tokens:
+        return tokens[0][1], "reasoning_id"
+    bare = _BARE_PID.search(choice)
+    if bare:
+        return f"P{int(bare.group(1))}", "reasoning_id"
+    number = _LEADING_NUMBER.match(choice.lstrip(" \t\r\n*_"))
+    if number:
+        return f"P{int(number.group(1))}", "reasoning_number"
+    name = _name_hit(choice, persona_names)
+    if name is not None:
+        return name, "reasoning_name"
+    return None, "none"
+
+
+def find_selection(
+    text: str,
+    *,
+    persona_ids: Sequence[str] | None = None,
+    item_id: str | None = None,
+    persona_names: Mapping[str, str] | None = None,
+    strict: bool = False,
+) -> SelectionMatch:
+    """The persona a judge's prose selects: the one home of this rule for live answers
+    (:func:`persona4rec.llm.stages.parse_selection`, ``strict=True``) and stored rows
+    (:func:`parse_selection`, ``strict=False``).
+
+    The choice is read (:func:`read_choice`) from the first non-empty line after the last
+    "Selection:" marker (the last one, so the word inside the reasoning does not count).
+    ``strict=False`` then accepts more, for rows that cannot be asked again: a bare
+    "selection" word as the marker when no "Selection:" exists, and, when the line after
+    it names nothing, the last full persona id anywhere in the text, then the last
+    persona name. ``strict=True`` reads only the line after a "Selection:" marker.
+    """
+    text = text if isinstance(text, str) else ""
+    marks = list(_STRICT_MARK.finditer(text))
+    if not marks and not strict:
+        marks = list(_LOOSE_MARK.finditer(text))
+    span = (marks[-1].start(), marks[-1].end()) if marks else None
+    choice = ""
+    if span is not None:
+        choice = text[span[1]:].lstrip(" \t\r\n*_").split("\n", 1)[0][:200].strip()
+        pid, source = read_choice(choice, persona_ids=persona_ids, item_id=item_id, persona_names=persona_names)
+        if pid is not None:
+            return SelectionMatch(pid, source, span, choice)
+    if not strict:
+        tokens = _id_tokens(text, persona_ids, item_id)
+        if tokens:
+            return SelectionMatch(tokens[-1][1], "reasoning_id", span, choice)
+        name = _name_hit(text, persona_names)
+        if name is not None:
+            return SelectionMatch(name, "reasoning_name", span, choice)
+    return SelectionMatch(None, "none", span, choice)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -220,15 +329,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def parse_selection(row: Mapping[str, Any], persona_names: Mapping[str, str] | None = None) -> JudgeSelection:
-    """Parse one judge row; the reasoning text's final selection wins over the structured field.
+    """Parse one stored judge row; the reasoning text's final selection wins over the structured field.
 
     In the published Amazon sample, ``selected_persona_id`` is "P1" on every row while the
-    reasoning's "**Selection:** 3. <item>_P3" names other personas (the Yelp sample agrees
-    with its field): the field is unreliable, so the order of trust is
-      1. an ``<item_id>_P<k>`` token after the last "Selection" marker (or anywhere),
-      2. a number "k." right after the last "Selection" marker,
-      3. a persona name (``persona_names``: id -> name) quoted after the marker or in the text,
-      4. the ``selected_persona_id`` field.
+    reasoning's "**Selection:** 3. <item>_P3" names other personas on 38 of 50 (the Yelp
+    sample agrees with its field): the field is unreliable. The reasoning is read by
+    :func:`find_selection` (lenient: an ``<item_id>_P<k>`` token, "P<k>", a number "k." or a
+    persona name (``persona_names``: id -> name) after the last "Selection" marker, else the
+    last id token or name anywhere); the ``selected_persona_id`` field is the last resort.
     """
     user = str(row.get("user_id", ""))
     item = str(row.get("target_item_id", row.get("item_id", "")))
@@ -237,26 +345,9 @@ def parse_selection(row: Mapping[str, Any], persona_names: Mapping[str, str] | N
     if field_pid is not None and not _PID_RE.match(field_pid):
         m = re.search(r"_?(P\d+)$", field_pid)
         field_pid = m.group(1) if m else None
-    text = row.get("selection_reasoning")
-    text = text if isinstance(text, str) else ""
-    marks = list(_SELECTION_RE.finditer(text))
-    tail = text[marks[-1].end() : marks[-1].end() + 200] if marks else ""
-    if item:
-        token = re.compile(re.escape(item) + r"_P(\d+)\b")
-        for chunk in (tail, text):
-            found = token.findall(chunk)
-            if found:
-                pick = found[0] if chunk is tail else found[-1]
-                return JudgeSelection(user, item, f"P{int(pick)}", "reasoning_id", field_pid)
-    m = re.match(r"\W*(\d{1,2})\s*[.)]", tail)
-    if m:
-        return JudgeSelection(user, item, f"P{int(m.group(1))}", "reasoning_number", field_pid)
-    if persona_names:
-        for chunk in (tail, text):
-            low = chunk.lower()
-            hits = [(low.rfind(name.lower()), pid) for pid, name in persona_names.items() if name and name.lower() in low]
-            if hits:
-                return JudgeSelection(user, item, max(hits)[1], "reasoning_name", field_pid)
+    found = find_selection(row.get("selection_reasoning"), item_id=item or None, persona_names=persona_names)
+    if found.persona_id is not None:
+        return JudgeSelection(user, item, found.persona_id, found.source, field_pid)
     if field_pid is not None:
         return JudgeSelection(user, item, field_pid, "field", field_pid)
     return JudgeSelection(user, item, None, "none", field_pid)
