@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -22,7 +23,11 @@ def register(sub) -> None:
     p.add_argument("--personas", default=None, metavar="FILE",
                    help="LLM personas (3_personas.jsonl[.gz] rows) to use instead of extractive ones; "
                         "items the file lacks keep extractive personas")
-    p.add_argument("--out", default=None, help="report folder (default: reports/evaluate/<dataset>-<tie-break>)")
+    p.add_argument("--adapter", default=None, metavar="FILE",
+                   help="a trained user-persona adapter (.npz from `persona4rec train`): user profiles go through "
+                        "it, and personas and item vectors through its persona-side map when it has one")
+    p.add_argument("--out", default=None, help="report folder (default: reports/evaluate/<dataset>-<tie-break>, "
+                                               "with -adapter-<file stem> appended under --adapter)")
     p.add_argument("--encoder-dir", default=None, help="ONNX encoder folder (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--quantized-encoder", action="store_true", help="use the int8 encoder (faster, slightly different)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for encoding (0 = all cores)")
@@ -32,10 +37,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def default_out(args: argparse.Namespace) -> str:
+    """The report folder when --out is not given; an adapter run never overwrites the plain one."""
+    out = f"reports/evaluate/{args.dataset}-{args.tie_break}"
+    return f"{out}-adapter-{Path(args.adapter).name.removesuffix('.npz')}" if args.adapter else out
+
+
 def run(args: argparse.Namespace) -> int:
     from persona4rec.encoder import load_default_encoder
     from persona4rec.evaluation.report import markdown_table, write_report
-    from persona4rec.evaluation.runner import Evaluation, EvaluationConfig
+    from persona4rec.evaluation.runner import AdapterFileError, Evaluation, EvaluationConfig, load_adapter
 
     started = time.perf_counter()
 
@@ -44,14 +55,19 @@ def run(args: argparse.Namespace) -> int:
 
     config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, tie_break=args.tie_break, seed=args.seed,
                               max_personas=args.max_personas, reviews_per_persona=args.reviews_per_persona,
-                              persona_file=args.personas)
-    say("loading the encoder (the first run exports the packaged model once)")
-    encoder = load_default_encoder(quantized=args.quantized_encoder, model_dir=args.encoder_dir,
-                                   intra_op_threads=args.threads)
-    evaluation = Evaluation(config, encoder, progress=say, cache=args.embedding_cache)
+                              persona_file=args.personas, adapter_file=args.adapter)
+    try:
+        if args.adapter:  # a bad file fails before the encoder loads; its dimension is checked after
+            say(f"adapter: {load_adapter(args.adapter)!r} from {args.adapter}")
+        say("loading the encoder (the first run exports the packaged model once)")
+        encoder = load_default_encoder(quantized=args.quantized_encoder, model_dir=args.encoder_dir,
+                                       intra_op_threads=args.threads)
+        evaluation = Evaluation(config, encoder, progress=say, cache=args.embedding_cache)
+    except AdapterFileError as exc:
+        raise SystemExit(f"persona4rec evaluate: --adapter: {exc}") from None
     report = evaluation.run()
     report["timings_s"]["wall_including_encoder_load"] = round(time.perf_counter() - started, 1)
-    out = args.out or f"reports/evaluate/{args.dataset}-{args.tie_break}"
+    out = args.out or default_out(args)
     paths = write_report(report, out, plots=not args.no_plots)
     print(markdown_table(report))
     print()

@@ -55,6 +55,10 @@ def render_markdown(report: dict[str, Any]) -> str:
            "timestamp. Test set; every choice was made on validation NDCG@10. HR@10 and NDCG@10 show 95% "
            "bootstrap CIs over users.", "",
            f"Encoder: {json.dumps(report.get('encoder'))}", "",
+           *([f"User-persona adapter `{report['config']['adapter_file']}`: profiles through `adapter.apply`; "
+              f"personas and item vectors: {report['choices'].get('adapter', {}).get('item_side', '?')} "
+              "(header in the choices below).", ""]
+             if report["config"].get("adapter_file") else []),
            markdown_table(report), "",
            "## Rerank ceiling (first stage hit rate within its top-N)", "",
            "| N | valid | test |", "|---|---|---|"]

@@ -10,13 +10,20 @@ Protocol (leave-one-out by time, see :mod:`persona4rec.data.split`):
   reviews only; test review texts are never encoded at all.
 * Full ranking ranks every item except the user's history; reranking reorders the
   first stage's top-N (the paper's setting), whose hit rate is the rerank ceiling.
+* A trained user-persona adapter (``adapter_file``, :mod:`persona4rec.train.adapter`) maps
+  every user profile (:meth:`Evaluation.profiles`, :meth:`Evaluation.profile`) and, when it
+  has a persona-side map, every persona and item vector set scored against them
+  (:meth:`Evaluation.build_item_side`); every text method then sees the mapped vectors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import os
 import time
-from dataclasses import asdict, dataclass, field
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -86,6 +93,7 @@ class EvaluationConfig:
     bpr_max_epochs: int = BPR_MAX_EPOCHS
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     persona_file: str | None = None
+    adapter_file: str | None = None  # a trained persona4rec.train.adapter .npz; None: no adapter
 
 
 @dataclass
@@ -127,6 +135,49 @@ def prepare(reviews: ReviewTable, items: ItemTable | None, config: EvaluationCon
     return Prepared(table, items, split, user_ids, item_ids, review_user, review_item,
                     eval_users=review_user[split.test], valid_targets=review_item[split.valid],
                     test_targets=review_item[split.test], train_matrix=train_matrix, test_history=test_history)
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that is missing, unreadable, or made for another encoder."""
+
+
+def load_adapter(path: str | os.PathLike, dim: int | None = None) -> Any:
+    """:meth:`persona4rec.train.adapter.Adapter.load` with the failures named: a missing or
+    corrupt file, or (``dim`` given) a dimension other than the encoder's, raise
+    :class:`AdapterFileError` with the file and what to do."""
+    from persona4rec.train.adapter import Adapter
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.exists(path) else "does not exist"
+        raise AdapterFileError(f"adapter file {path!r} {what}; pass the .npz that "
+                               "`persona4rec train` wrote (Adapter.save)")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise AdapterFileError(f"adapter file {path!r} cannot be read: {exc}") from exc
+    if magic != b"PK\x03\x04":  # np.load would talk about pickles here
+        raise AdapterFileError(f"adapter file {path!r} is {'empty' if not magic else 'not an .npz (zip) archive'}; "
+                               "pass the .npz that `persona4rec train` wrote (Adapter.save)")
+    try:
+        adapter = Adapter.load(path)
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise AdapterFileError(f"adapter file {path!r} is not a readable persona4rec adapter ({exc}); "
+                               "pass the .npz that `persona4rec train` wrote, or train it again") from exc
+    if dim is not None and adapter.dim != int(dim):
+        raise AdapterFileError(f"adapter file {path!r} maps {adapter.dim}-d vectors but the encoder makes {dim}-d "
+                               "ones; evaluate with the encoder the adapter was trained on (--encoder-dir), "
+                               "or train an adapter on this encoder's embeddings")
+    return adapter
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def review_texts(data: Prepared, rows: np.ndarray) -> list[str]:
@@ -186,6 +237,16 @@ class Evaluation:
         self.fallback_profiler = UserProfiler(encoder, cache=self.profiler.cache, k=config.profile_k,
                                               gamma=config.profile_gamma, min_rating=None,
                                               template=ReviewTextTemplate())
+        # Loaded (and checked against the encoder) before any data work, so a bad file fails in seconds.
+        self.adapter = load_adapter(config.adapter_file, encoder.dim) if config.adapter_file else None
+        if self.adapter is not None:
+            self.choices["adapter"] = {
+                "file": config.adapter_file, "sha256": _sha256(config.adapter_file),
+                "header": self.adapter.header(),
+                "user_side": "adapter.apply on every validation, test and latency-path profile",
+                "item_side": ("mapped by adapter.apply_persona (personas, every-review personas, dense item vectors)"
+                              if self.adapter.has_persona_map else "unchanged (the adapter has no persona-side map)"),
+            }
 
     # ---------------------------------------------------------------- helpers
     def _step(self, name: str, started: float) -> None:
@@ -244,6 +305,12 @@ class Evaluation:
                           f"{self.personas.params['items_without_llm_personas']} items kept extractive ones")
         # "Every review is a persona": the upper end of the multi-vector axis.
         self.review_personas = self._personas(train, 10**6, 1)
+        if self.adapter is not None and self.adapter.has_persona_map:
+            # Every vector set scored against (mapped) profiles goes through the persona-side map.
+            self.item_vectors = self.adapter.apply_persona(self.item_vectors)
+            self.personas = replace(self.personas, vectors=self.adapter.apply_persona(self.personas.vectors))
+            self.review_personas = replace(self.review_personas,
+                                           vectors=self.adapter.apply_persona(self.review_personas.vectors))
         self._step("item vectors and personas", started)
 
     def _personas(self, rows: np.ndarray, max_personas: int, reviews_per_persona: int) -> PersonaSet:
@@ -281,15 +348,18 @@ class Evaluation:
         return [Interaction(self.texts[r], float(d.reviews.rating[r]), None, d.item_ids[int(d.review_item[r])])
                 for r in rows]
 
-    def profile(self, rows: np.ndarray) -> np.ndarray:
-        """One user's profile (the online path: cache lookups and a weighted mean)."""
+    def profile(self, rows: np.ndarray, adapted: bool = True) -> np.ndarray:
+        """One user's profile (the online path: cache lookups, a weighted mean, the adapter if any)."""
         history = self.history(rows)
         try:
-            return self.profiler.profile(history)
+            vector = self.profiler.profile(history)
         except EmptyHistoryError:
-            return self.fallback_profiler.profile(history)
+            vector = self.fallback_profiler.profile(history)
+        return self.adapter.apply(vector) if adapted and self.adapter is not None else vector
 
-    def profiles(self, history_rows: list[np.ndarray]) -> np.ndarray:
+    def profiles(self, history_rows: list[np.ndarray], adapted: bool = True) -> np.ndarray:
+        """Profiles of many users, (n, d); mapped by the adapter when there is one, unless
+        ``adapted`` is False (the untrained profiles, e.g. to build training pairs)."""
         histories = [self.history(rows) for rows in history_rows]
         batch = self.profiler.profile_many(histories)
         out = np.zeros((len(histories), self.encoder.dim), dtype=np.float32)
@@ -298,7 +368,7 @@ class Evaluation:
             fallback = self.fallback_profiler.profile_many([histories[i] for i in batch.empty_positions])
             out[batch.empty_positions[fallback.positions]] = fallback.vectors
         self.profile_fallbacks = int(len(batch.empty_positions))
-        return out
+        return self.adapter.apply(out) if adapted and self.adapter is not None else out
 
     def build_indexes(self) -> None:
         started = time.perf_counter()
