@@ -227,3 +227,77 @@ def test_pairs_on_real_mi5core_come_only_from_training_interactions():
     assert not held_out & set(np.concatenate(histories).tolist())
     pairs = training_pairs(ev, "extractive")
     assert len(pairs) == len(targets)
+
+
+# ---------------------------------------------------------------- finetune's text view of the same pairs
+
+
+@pytest.mark.parametrize("kind", ["extractive", "reviews"])
+def test_finetune_text_pairs_reproduce_the_profiler_and_labels(evaluation, kind):
+    from persona4rec.train.experiment import finetune_data, finetune_pairs
+
+    ev = evaluation
+    data = finetune_data(ev, kind)
+    pairs = finetune_pairs(ev, data)
+    reference = training_pairs(ev, kind)
+    assert len(pairs) == len(reference)
+    np.testing.assert_array_equal(pairs.positive, reference.positive_ids)
+    np.testing.assert_array_equal(pairs.pair_item, reference.item_ids)
+    vectors = ev.encoder.encode(data.texts)
+    rows = np.repeat(np.arange(len(pairs)), np.diff(pairs.profile_ptr))
+    profiles = np.zeros((len(pairs), ev.encoder.dim))
+    np.add.at(profiles, rows, pairs.profile_weight[:, None] * vectors[pairs.profile_text])
+    profiles /= np.linalg.norm(profiles, axis=1, keepdims=True)
+    # the text groups and weights are the profiler's own: same profiles as the adapter's pairs
+    np.testing.assert_allclose(profiles, reference.users, atol=1e-5)
+    if kind == "reviews":  # one review per persona: the text view is exact
+        personas = vectors[data.persona_text[data.persona_ptr[:-1]]]
+        np.testing.assert_allclose(personas, data.personas.vectors, atol=1e-5)
+
+
+def test_tower_scorer_with_base_vectors_reproduces_the_harness(evaluation):
+    from persona4rec.evaluation.metrics import ndcg
+    from persona4rec.train.experiment import TowerScorer, finetune_data
+
+    ev = evaluation
+    data = finetune_data(ev, "reviews")
+
+    class BaseTower:  # the untrained encoder seen through the scorer's interface
+        def embed(self, ids):
+            return ev.encoder.encode([data.texts[i] for i in ids])
+
+    scorer = TowerScorer(ev, data, "reviews")
+    personas, _ = persona_set(ev, "reviews")
+    identity = Adapter.identity(ev.encoder.dim)
+    expected = float(ndcg(rank_phase(ev, personas, identity, "valid"), 10).mean())
+    assert scorer(BaseTower()) == pytest.approx(expected, abs=1e-9)
+    assert scorer.selection_accuracy() == pytest.approx(
+        validation_selection(ev, "reviews").accuracy(identity, personas.vectors, personas.offsets))
+
+
+def test_finetune_experiment_end_to_end(evaluation, tiny_model, tmp_path):
+    """Pairs -> fine-tune (tiny BERT, same dim as the stand-in encoder) -> ONNX export -> the harness
+    re-run with the exported encoder -> paired comparison with the base encoder."""
+    pytest.importorskip("optimum")
+    from persona4rec.encoder import Encoder
+    from persona4rec.train.experiment import format_finetune_table, run_finetune_experiment
+    from persona4rec.train.finetune import FinetuneConfig
+
+    config = FinetuneConfig(trainable_layers=1, lora_rank=4, epochs=2, batch_size=16, max_length=32, threads=1)
+    summary = run_finetune_experiment(evaluation, tiny_model, persona_kind="reviews", config=config, out_dir=tmp_path)
+    for kind in ("extractive", "reviews"):
+        base, tuned = summary["results"][kind]["none"], summary["results"][kind]["finetune"]
+        assert "p_vs_none" in tuned["test_NDCG@10"] and "p_vs_none" not in base["test_NDCG@10"]
+        assert 0.0 <= tuned["test_HR@10"]["mean"] <= 1.0
+    # the base rows are the harness's own numbers for the stand-in encoder
+    personas, _ = persona_set(evaluation, "reviews")
+    from persona4rec.evaluation.metrics import ndcg
+
+    base_test = float(ndcg(rank_phase(evaluation, personas, Adapter.identity(32), "test"), 10).mean())
+    assert summary["results"]["reviews"]["none"]["test_NDCG@10"]["mean"] == pytest.approx(base_test)
+    report = json.loads((tmp_path / "reviews-finetune.report.json").read_text())
+    assert report["curve"][0]["step"] == 0 and report["best_val_metric"] >= report["curve"][0]["val_metric"]
+    encoder = Encoder(summary["onnx_dir"])
+    assert encoder.dim == 32 and encoder.fingerprint != evaluation.encoder.fingerprint
+    assert "fine-tuned" in format_finetune_table(summary)
+    assert (tmp_path / "reviews-finetune-evaluation.md").is_file()

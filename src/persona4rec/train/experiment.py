@@ -466,6 +466,7 @@ class TowerScorer:
         self.ev, self.data = ev, data
         self.valid_groups = data.profile_groups(ev, ev.valid_history_rows)
         self.held_out = validation_selection(ev, kind)  # labels from the base encoder, fixed
+        self.selection_curve: list[float] = []  # held-out persona selection at each validation
 
     def vectors(self, tower) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -486,6 +487,7 @@ class TowerScorer:
 
         profiles, personas = self.vectors(tower)
         self.last = (profiles, personas)
+        self.selection_curve.append(self.selection_accuracy()[0])
         ps = replace(self.data.personas, vectors=personas)
         d = self.ev.data
         scores = index_scores(make_index(ps), profiles, d.train_matrix, d.eval_users)
@@ -524,6 +526,7 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
                       report_path=out / f"{persona_kind}-finetune.report.json")
     scorer(result.tower)  # the kept (best) weights
     selection = scorer.selection_accuracy()
+    untrained_selection = scorer.selection_curve[0]
     t_export = time.perf_counter()
     onnx_dir = export_finetuned(result, out / f"{persona_kind}-finetuned", overwrite=True)
     export_seconds = time.perf_counter() - t_export
@@ -561,7 +564,9 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
         "training": {k: result.report[k] for k in ("best_step", "steps", "epochs_run", "best_val_metric", "seconds",
                                                     "cache_seconds", "trainable_parameters", "layers", "curve",
                                                     "stopped_by_time_limit")},
-        "heldout_persona_selection": {"finetune_torch": selection[0], "pairs": selection[1], "chance": selection[2]},
+        "heldout_persona_selection": {"untrained_torch": untrained_selection, "finetune_torch": selection[0],
+                                      "pairs": selection[1], "chance": selection[2],
+                                      "at_each_validation": scorer.selection_curve[:-1]},
         "export_seconds": round(export_seconds, 2),
         "reencode_and_evaluate_seconds": round(time.perf_counter() - t_eval, 2),
         "onnx_dir": str(onnx_dir),
@@ -587,9 +592,13 @@ def format_finetune_table(summary: dict[str, Any]) -> str:
             r = entry[name]
             n, h = r["test_NDCG@10"], r["test_HR@10"]
             lines.append(f"| {kind} | {'base' if name == 'none' else 'fine-tuned'} | {r['val_NDCG@10']:.4f} | "
-                         f"{n['mean']:.4f} [{n['ci95'][0]:.4f}, {n['ci95'][1]:.4f}] | {n.get('p_vs_none', float('nan')):.3g} | "
-                         f"{h['mean']:.4f} [{h['ci95'][0]:.4f}, {h['ci95'][1]:.4f}] | {h.get('p_vs_none', float('nan')):.3g} |")
+                         f"{n['mean']:.4f} [{n['ci95'][0]:.4f}, {n['ci95'][1]:.4f}] | {_p(n)} | "
+                         f"{h['mean']:.4f} [{h['ci95'][0]:.4f}, {h['ci95'][1]:.4f}] | {_p(h)} |")
     s = summary["heldout_persona_selection"]
-    lines += ["", f"held-out persona selection (torch, best weights): {s['finetune_torch']:.3f} over {s['pairs']} "
-              f"validation interactions (chance {s['chance']:.3f})"]
+    lines += ["", f"held-out persona selection (torch): {s['untrained_torch']:.3f} untrained, {s['finetune_torch']:.3f} "
+              f"fine-tuned (best weights), over {s['pairs']} validation interactions (chance {s['chance']:.3f})"]
     return "\n".join(lines) + "\n"
+
+
+def _p(entry: dict[str, Any]) -> str:
+    return f"{entry['p_vs_none']:.3g}" if "p_vs_none" in entry else "-"
