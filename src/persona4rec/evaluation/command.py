@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="LLM personas (3_personas.jsonl[.gz] rows) to use instead of extractive ones; "
                         "items the file lacks keep extractive personas")
     p.add_argument("--adapter", default=None, metavar="FILE",
-                   help="a trained user-persona adapter (.npz from `persona4rec train`): user profiles go through "
+                   help="a trained user-persona adapter (.npz from `persona4rec train-adapter`): user profiles go through "
                         "it, and personas and item vectors through its persona-side map when it has one")
     p.add_argument("--out", default=None, help="report folder (default: reports/evaluate/<dataset>-<tie-break>, "
                                                "with -adapter-<file stem> appended under --adapter)")

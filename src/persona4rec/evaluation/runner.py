@@ -151,7 +151,7 @@ def load_adapter(path: str | os.PathLike, dim: int | None = None) -> Any:
     if not os.path.isfile(path):
         what = "is not a file" if os.path.exists(path) else "does not exist"
         raise AdapterFileError(f"adapter file {path!r} {what}; pass the .npz that "
-                               "`persona4rec train` wrote (Adapter.save)")
+                               "`persona4rec train-adapter` wrote (Adapter.save)")
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
@@ -159,12 +159,12 @@ def load_adapter(path: str | os.PathLike, dim: int | None = None) -> Any:
         raise AdapterFileError(f"adapter file {path!r} cannot be read: {exc}") from exc
     if magic != b"PK\x03\x04":  # np.load would talk about pickles here
         raise AdapterFileError(f"adapter file {path!r} is {'empty' if not magic else 'not an .npz (zip) archive'}; "
-                               "pass the .npz that `persona4rec train` wrote (Adapter.save)")
+                               "pass the .npz that `persona4rec train-adapter` wrote (Adapter.save)")
     try:
         adapter = Adapter.load(path)
     except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise AdapterFileError(f"adapter file {path!r} is not a readable persona4rec adapter ({exc}); "
-                               "pass the .npz that `persona4rec train` wrote, or train it again") from exc
+                               "pass the .npz that `persona4rec train-adapter` wrote, or train it again") from exc
     if dim is not None and adapter.dim != int(dim):
         raise AdapterFileError(f"adapter file {path!r} maps {adapter.dim}-d vectors but the encoder makes {dim}-d "
                                "ones; evaluate with the encoder the adapter was trained on (--encoder-dir), "
