@@ -284,7 +284,8 @@ def test_finetune_experiment_end_to_end(evaluation, tiny_model, tmp_path):
     from persona4rec.train.finetune import FinetuneConfig
 
     config = FinetuneConfig(trainable_layers=1, lora_rank=4, epochs=2, batch_size=16, max_length=32, threads=1)
-    summary = run_finetune_experiment(evaluation, tiny_model, persona_kind="reviews", config=config, out_dir=tmp_path)
+    summary = run_finetune_experiment(evaluation, tiny_model, persona_kind="reviews", config=config, out_dir=tmp_path,
+                                      allow_low_int8_agreement=True)  # random weights: int8 agrees poorly
     for kind in ("extractive", "reviews"):
         base, tuned = summary["results"][kind]["none"], summary["results"][kind]["finetune"]
         assert "p_vs_none" in tuned["test_NDCG@10"] and "p_vs_none" not in base["test_NDCG@10"]
@@ -296,7 +297,8 @@ def test_finetune_experiment_end_to_end(evaluation, tiny_model, tmp_path):
     base_test = float(ndcg(rank_phase(evaluation, personas, Adapter.identity(32), "test"), 10).mean())
     assert summary["results"]["reviews"]["none"]["test_NDCG@10"]["mean"] == pytest.approx(base_test)
     report = json.loads((tmp_path / "reviews-finetune.report.json").read_text())
-    assert report["curve"][0]["step"] == 0 and report["best_val_metric"] >= report["curve"][0]["val_metric"]
+    assert report["curve"][0]["step"] == 0
+    assert report["best_val_metric"] == max(c["val_metric"] for c in report["curve"])
     encoder = Encoder(summary["onnx_dir"])
     assert encoder.dim == 32 and encoder.fingerprint != evaluation.encoder.fingerprint
     assert "fine-tuned" in format_finetune_table(summary)

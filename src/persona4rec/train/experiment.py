@@ -501,7 +501,8 @@ class TowerScorer:
 
 def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", config=None, out_dir,
                             progress: bool = False, say: Callable[[str], Any] | None = None,
-                            cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                            cache_dir: str | os.PathLike | None = None,
+                            allow_low_int8_agreement: bool = False) -> dict[str, Any]:
     """Fine-tune the encoder on the review-grounded pairs, export it to ONNX, and compare on test.
 
     The test numbers of the fine-tuned encoder come from the harness run end to end with
@@ -528,7 +529,8 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
     selection = scorer.selection_accuracy()
     untrained_selection = scorer.selection_curve[0]
     t_export = time.perf_counter()
-    onnx_dir = export_finetuned(result, out / f"{persona_kind}-finetuned", overwrite=True)
+    onnx_dir = export_finetuned(result, out / f"{persona_kind}-finetuned", overwrite=True,
+                                allow_low_int8_agreement=allow_low_int8_agreement)
     export_seconds = time.perf_counter() - t_export
     say(f"[finetune/{persona_kind}] exported to {onnx_dir} in {export_seconds:.0f}s")
 
@@ -563,7 +565,9 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
         "config": config.to_dict(),
         "training": {k: result.report[k] for k in ("best_step", "steps", "epochs_run", "best_val_metric", "seconds",
                                                     "cache_seconds", "trainable_parameters", "layers", "curve",
-                                                    "stopped_by_time_limit")},
+                                                    "stopped_early", "stopped_by_time_limit", "max_length")},
+        "base_encoder": {"fingerprint": ev.encoder.fingerprint, "dim": int(ev.encoder.dim)},
+        "finetuned_encoder": {"fingerprint": encoder.fingerprint, "max_length": getattr(encoder, "max_length", None)},
         "heldout_persona_selection": {"untrained_torch": untrained_selection, "finetune_torch": selection[0],
                                       "pairs": selection[1], "chance": selection[2],
                                       "at_each_validation": scorer.selection_curve[:-1]},

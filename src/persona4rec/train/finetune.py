@@ -114,6 +114,17 @@ class FinetuneConfig:
         for name in ("queue_size", "patience", "validate_every", "max_hard_negatives"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "pairs_per_user", "grad_accum", "epochs", "max_length", "queue_size", "patience",
+                     "validate_every", "max_hard_negatives"):
+            if not isinstance(getattr(self, name), (int, np.integer)) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ValueError(f"max_minutes must be positive (or None for no limit), got {self.max_minutes!r}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ValueError(f"threads must be >= 1 (or None for torch's default), got {self.threads!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,6 +143,8 @@ def _csr(ptr: Any, idx: Any, weight: Any, n_texts: int, what: str) -> tuple[np.n
         raise ValueError(f"{what}: one finite, non-negative weight per text is required")
     if len(idx) and (idx.min() < 0 or idx.max() >= n_texts):
         raise ValueError(f"{what}: text index out of range [0, {n_texts})")
+    if len(idx) and np.any(np.add.reduceat(w, ptr[:-1]) <= 0):
+        raise ValueError(f"{what}: a group's weights are all zero (its mean would be the zero vector)")
     return ptr, idx, w
 
 
@@ -175,7 +188,7 @@ class TextPairs:
             raise ValueError("no training pairs")
         n_personas = len(self.persona_ptr) - 1
         self.item_ptr = np.asarray(self.item_ptr, np.int64)
-        if self.item_ptr[0] != 0 or self.item_ptr[-1] != n_personas or np.any(np.diff(self.item_ptr) < 0):
+        if self.item_ptr.ndim != 1 or len(self.item_ptr) < 2 or self.item_ptr[0] != 0 or self.item_ptr[-1] != n_personas or np.any(np.diff(self.item_ptr) < 0):
             raise ValueError(f"item_ptr must be CSR offsets over the {n_personas} personas")
         self.pair_item = np.asarray(self.pair_item, np.int64)
         self.positive = np.asarray(self.positive, np.int64)
@@ -276,15 +289,16 @@ def _lora_linear_class():
 
 
 def _read_pooling(model_dir: Path) -> str:
-    cfg = model_dir / "1_Pooling" / "config.json"
-    if not cfg.is_file():
-        return "mean"
-    data = json.loads(cfg.read_text())
-    if data.get("pooling_mode_cls_token"):
-        return "cls"
-    if data.get("pooling_mode_mean_tokens", True):
-        return "mean"
-    raise ValueError(f"{cfg}: only mean or CLS pooling can be fine-tuned")
+    """The pooling the export will also read (``1_Pooling/config.json``); mean or CLS only."""
+    from persona4rec.encoder import POOLING_FILE, read_pooling
+
+    if not (model_dir / POOLING_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir} has no {POOLING_FILE}: finetune needs a sentence-transformers folder "
+                                "(its pooling decides what is trained and what is exported)")
+    pooling = read_pooling(model_dir)
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"{model_dir}: {pooling!r} pooling cannot be fine-tuned here; mean or cls only")
+    return pooling
 
 
 class TextTower:
@@ -300,7 +314,9 @@ class TextTower:
         if config.threads:
             torch.set_num_threads(int(config.threads))
         torch.manual_seed(config.seed)
+        self.pooling = _read_pooling(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self.tokenizer.padding_side = "right"  # the cache keeps the first `length` positions of each row
         self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True, attn_implementation="eager")
         layers = getattr(getattr(self.model, "encoder", None), "layer", None)
         if layers is None or not hasattr(self.model, "embeddings"):
@@ -310,7 +326,10 @@ class TextTower:
         n = len(layers)
         self.n_top = n if config.trainable_layers is None else min(int(config.trainable_layers), n)
         self.n_bottom = n - self.n_top
-        self.pooling = _read_pooling(self.model_dir)
+        limit = int(getattr(self.model.config, "max_position_embeddings", config.max_length))
+        if config.max_length > limit:
+            raise ValueError(f"max_length {config.max_length} exceeds the model's {limit} positions; pass "
+                             f"--max-length {limit} or less")
         self.model.eval()  # no dropout: the cached bottom and the top must see the same function
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -453,15 +472,20 @@ def user_chunks(pairs: TextPairs, per_user: int, rng: np.random.Generator) -> li
 
 
 def micro_batches(pairs: TextPairs, config: FinetuneConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """Every pair once per epoch, in batches of whole user chunks (``batch_size`` up to
+    ``batch_size + pairs_per_user - 1`` pairs); a last batch of one pair joins the one before."""
     batches, current, size = [], [], 0
     for chunk in user_chunks(pairs, config.pairs_per_user, rng):
         current.append(chunk)
         size += len(chunk)
         if size >= config.batch_size:
-            batches.append(np.concatenate(current)[: config.batch_size])
+            batches.append(np.concatenate(current))
             current, size = [], 0
-    if size >= 2:  # a ragged last batch still has negatives; a single pair does not
-        batches.append(np.concatenate(current))
+    if size:
+        if size >= 2 or not batches:
+            batches.append(np.concatenate(current))
+        else:  # a single pair has no in-batch negative
+            batches[-1] = np.concatenate([batches[-1], *current])
     return batches
 
 
@@ -511,78 +535,93 @@ def finetune(
 
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
-    queue: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = []  # (vectors, items, users, persona ids)
+    queue: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # vectors, items, users, personas, excluded
     curve: list[dict[str, Any]] = []
     best_state = {id(p): p.detach().clone() for p in params}
     best_metric = -math.inf
     best_step = 0
+    validated_step = -1
+    bad_rounds = 0
+    losses: list[float] = []
+    accuracies: list[float] = []
 
-    def evaluate(epoch: int, step: int, loss: float, accuracy: float) -> bool:
-        nonlocal best_metric, best_step, best_state
-        if validate is None:
-            return True
+    def recent(values: list[float]) -> float | None:
+        return float(np.mean(values[-50:])) if values else None
+
+    def evaluate(epoch: int, step: int) -> None:
+        """Validate the current weights once per step; keep them when they are the best so far."""
+        nonlocal best_metric, best_step, best_state, validated_step, bad_rounds
+        if validate is None or step == validated_step:
+            return
+        validated_step = step
         t = time.perf_counter()
         metric = float(validate(tower))
+        loss, accuracy = recent(losses), recent(accuracies)
         curve.append({"epoch": epoch, "step": step, "train_loss": loss, "train_accuracy": accuracy,
                       "val_metric": metric, "val_seconds": round(time.perf_counter() - t, 2),
                       "elapsed": round(time.perf_counter() - started, 2)})
-        say(f"finetune: epoch {epoch} step {step}: train loss {loss:.4f}, val {metric:.4f}")
+        say(f"finetune: epoch {epoch} step {step}: train loss "
+            f"{'-' if loss is None else f'{loss:.4f}'}, val {metric:.4f}")
         if metric > best_metric:
-            best_metric, best_step = metric, step
+            best_metric, best_step, bad_rounds = metric, step, 0
             best_state = {id(p): p.detach().clone() for p in params}
-            return True
-        return False
+        else:
+            bad_rounds += 1
 
-    evaluate(0, 0, float("nan"), float("nan"))
-    step, bad_rounds, stopped, out_of_time = 0, 0, False, False
+    def out_of_patience() -> bool:
+        return validate is not None and config.patience > 0 and bad_rounds >= config.patience
+
+    evaluate(0, 0)
+    step, epochs_run = 0, 0
+    stopped_early = out_of_time = False
+    # The time limit counts from the start of finetune (model load, frozen-layer cache and validations included).
     deadline = None if config.max_minutes is None else started + 60.0 * config.max_minutes
-    losses: list[float] = []
-    accuracies: list[float] = []
-    epochs_run = 0
     for epoch in range(1, config.epochs + 1):
         batches = micro_batches(pairs, config, rng)
         bar = _bar(len(batches), progress, f"finetune epoch {epoch}", "batch")
         optimiser.zero_grad(set_to_none=True)
+        pending = 0  # micro-batches accumulated since the last optimiser step
         for k, batch in enumerate(batches):
-            loss, acc, new_queue = _micro_step(torch, tower, pairs, batch, config, queue)
-            (loss / config.grad_accum).backward()
+            group = min(config.grad_accum, len(batches) - (k - pending))  # the epoch's last group may be short
+            loss, acc, entry = _micro_step(torch, tower, pairs, batch, config, queue)
+            (loss / group).backward()
+            pending += 1
             losses.append(float(loss.detach()))
             accuracies.append(acc)
             if config.queue_size:
-                queue.append(new_queue)
-                while sum(len(q[1]) for q in queue) > config.queue_size:
-                    queue.pop(0)
+                queue.append(entry)
+                _trim_queue(queue, config.queue_size)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if (k + 1) % config.grad_accum == 0 or k + 1 == len(batches):
+            if pending == group:
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
+                pending = 0
                 step += 1
                 if config.validate_every and step % config.validate_every == 0:
-                    if evaluate(epoch, step, float(np.mean(losses[-50:])), float(np.mean(accuracies[-50:]))):
-                        bad_rounds = 0
-                    else:
-                        bad_rounds += 1
-            if deadline is not None and time.perf_counter() > deadline:
+                    evaluate(epoch, step)
+                    if out_of_patience():
+                        stopped_early = True
+                        break
+            if deadline is not None and time.perf_counter() > deadline and pending == 0:
                 out_of_time = True
                 break
         if bar is not None:
             bar.close()
         epochs_run = epoch
-        if not config.validate_every or out_of_time:
-            if evaluate(epoch, step, float(np.mean(losses[-50:])) if losses else float("nan"),
-                        float(np.mean(accuracies[-50:])) if accuracies else float("nan")):
-                bad_rounds = 0
-            else:
-                bad_rounds += 1
-        if out_of_time or (validate is not None and config.patience and bad_rounds >= config.patience):
-            stopped = True
+        if not stopped_early:
+            evaluate(epoch, step)  # the epoch's last weights (a no-op when this step was just validated)
+            stopped_early = out_of_patience()
+        if stopped_early or out_of_time:
             break
-    if validate is not None:
+    if validate is None:
+        best_step = step
+    else:
         with torch.no_grad():
             for p in params:
                 p.copy_(best_state[id(p)])
+    window = min(20, len(losses))
     report = {
         "method": "finetune",
         "config": config.to_dict(),
@@ -590,6 +629,7 @@ def finetune(
         "data": {"pairs": len(pairs), "texts": len(pairs.texts), "extra_texts": len(extra_texts),
                  "personas": pairs.n_personas, "users": int(len(np.unique(pairs.user)))},
         "layers": {"frozen": tower.n_bottom, "trained": tower.n_top, "pooling": tower.pooling},
+        "max_length": {"training": config.max_length, "source": _source_max_length(tower)},
         "trainable_parameters": int(sum(p.numel() for p in params)),
         "cache_seconds": round(cache_seconds, 2),
         "curve": curve,
@@ -597,15 +637,51 @@ def finetune(
         "best_val_metric": best_metric if validate is not None else None,
         "steps": step,
         "epochs_run": epochs_run,
-        "stopped_early": stopped,
+        "stopped_early": stopped_early,
         "stopped_by_time_limit": out_of_time,
-        "train_loss_first_last": [losses[0], float(np.mean(losses[-20:]))] if losses else None,
+        "train_loss_first_last": ([float(np.mean(losses[:window])), float(np.mean(losses[-window:]))]
+                                  if losses else None),
         "seconds": round(time.perf_counter() - started, 2),
     }
     result = FinetuneResult(tower, report)
     if report_path is not None:
         result.write_report(report_path)
     return result
+
+
+def queue_valid_mask(positive, user, item, excluded, q_positive, q_user, q_item, config: FinetuneConfig) -> np.ndarray:
+    """(B, Q) bool: queued persona j is a negative of row i unless it is the row's positive or
+    excluded persona, or (as configured) belongs to the same user or the same item."""
+    drop = (positive[:, None] == q_positive[None, :]) | ((excluded[:, None] == q_positive[None, :])
+                                                         & (excluded[:, None] >= 0))
+    if config.mask_same_user:
+        drop |= user[:, None] == q_user[None, :]
+    if config.mask_same_item:
+        drop |= item[:, None] == q_item[None, :]
+    return ~drop
+
+
+def _trim_queue(queue: list, capacity: int) -> None:
+    """Keep the newest ``capacity`` queued personas (the oldest entry is cut row-wise)."""
+    total = sum(len(q[1]) for q in queue)
+    while total > capacity:
+        excess = total - capacity
+        oldest = queue[0]
+        if len(oldest[1]) <= excess:
+            queue.pop(0)
+            total -= len(oldest[1])
+        else:
+            queue[0] = tuple(part[excess:] for part in oldest)
+            total -= excess
+
+
+def _source_max_length(tower: TextTower) -> int | None:
+    from persona4rec.encoder import read_max_length
+
+    try:
+        return int(read_max_length(tower.model_dir, None))
+    except (ValueError, OSError, TypeError):
+        return None
 
 
 def _micro_step(torch, tower: TextTower, pairs: TextPairs, batch: np.ndarray, config: FinetuneConfig, queue):
@@ -629,8 +705,12 @@ def _micro_step(torch, tower: TextTower, pairs: TextPairs, batch: np.ndarray, co
     from persona4rec.train.adapter import in_batch_valid_mask
 
     items, users_ids, pos_ids = pairs.pair_item[batch], pairs.user[batch], pairs.positive[batch]
-    valid = torch.from_numpy(in_batch_valid_mask(users_ids, items, pos_ids, mask_same_user=config.mask_same_user,
-                                                 mask_same_item=config.mask_same_item))
+    excluded = pairs.exclude[batch]
+    keep = in_batch_valid_mask(users_ids, items, pos_ids, mask_same_user=config.mask_same_user,
+                               mask_same_item=config.mask_same_item)
+    # a row's excluded persona (e.g. the user's own review of the target) is never its negative
+    keep &= ~((excluded[:, None] == pos_ids[None, :]) & (excluded[:, None] >= 0))
+    valid = torch.from_numpy(keep)
     hard = hard_valid = None
     if hard_rows:
         h = max((len(r) for r in hard_rows), default=0)
@@ -648,16 +728,12 @@ def _micro_step(torch, tower: TextTower, pairs: TextPairs, batch: np.ndarray, co
         q_items = np.concatenate([q[1] for q in queue])
         q_users = np.concatenate([q[2] for q in queue])
         q_pos = np.concatenate([q[3] for q in queue])
-        drop = pos_ids[:, None] == q_pos[None, :]
-        if config.mask_same_user:
-            drop |= users_ids[:, None] == q_users[None, :]
-        if config.mask_same_item:
-            drop |= items[:, None] == q_items[None, :]
-        extra_valid = torch.from_numpy(~drop)
+        extra_valid = torch.from_numpy(queue_valid_mask(pos_ids, users_ids, items, excluded, q_pos, q_users, q_items,
+                                                        config))
     loss, acc = infonce(users, positives, valid, temperature=config.temperature,
                         label_smoothing=config.label_smoothing, hard=hard, hard_valid=hard_valid,
                         extra=extra, extra_valid=extra_valid)
-    return loss, acc, (positives.detach(), items, users_ids, pos_ids)
+    return loss, acc, (positives.detach(), items, users_ids, pos_ids, excluded)
 
 
 def _bar(total: int, enabled: bool, desc: str, unit: str):
@@ -671,12 +747,14 @@ def _bar(total: int, enabled: bool, desc: str, unit: str):
 
 
 def export_finetuned(result: FinetuneResult | TextTower, out: str | os.PathLike, *, name: str | None = None,
-                     int8: bool = True, max_length: int | None = None, overwrite: bool = False) -> Path:
+                     int8: bool = True, max_length: int | None = None, overwrite: bool = False,
+                     allow_low_int8_agreement: bool = False) -> Path:
     """Write the fine-tuned model to ``out/model`` (merged weights) and its ONNX export to ``out/onnx``.
 
     The ONNX folder is what :class:`persona4rec.encoder.Encoder` loads; its manifest names
     the fine-tuned model, so its fingerprint (and any embedding cache keyed by it) differs
-    from the base model's.
+    from the base model's. ``max_length`` is the serving truncation (default: the source
+    model's, which may be longer than the training truncation ``config.max_length``).
     """
     from persona4rec.export import export_encoder
 
@@ -684,4 +762,5 @@ def export_finetuned(result: FinetuneResult | TextTower, out: str | os.PathLike,
     out = Path(out)
     model_dir = tower.save_model(out / "model")
     return export_encoder(model_dir, out / "onnx", int8=int8, name=name or f"{tower.model_dir.name}-finetuned",
-                          max_length=max_length, overwrite=overwrite, allow_low_int8_agreement=True)
+                          pooling=tower.pooling, max_length=max_length, overwrite=overwrite,
+                          allow_low_int8_agreement=allow_low_int8_agreement)
