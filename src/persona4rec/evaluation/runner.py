@@ -18,12 +18,12 @@ Protocol (leave-one-out by time, see :mod:`persona4rec.data.split`):
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -43,6 +43,7 @@ from persona4rec.evaluation.candidates import candidate_lists, ceiling, exclude_
 from persona4rec.evaluation.metrics import DEFAULT_CUTOFFS, ranks_from_lists, ranks_from_scores
 from persona4rec.evaluation.metrics import ndcg as ndcg_at
 from persona4rec.evaluation.metrics import per_user_metrics
+from persona4rec.encoder import file_sha256
 from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
 from persona4rec.personas import PersonaSet, extract_personas, mean_item_vectors
 from persona4rec.profile import (
@@ -172,14 +173,6 @@ def load_adapter(path: str | os.PathLike, dim: int | None = None) -> Any:
     return adapter
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def review_texts(data: Prepared, rows: np.ndarray) -> list[str]:
     """The text embedded for each review row, by the profile module's Amazon 5-core
     template (item title, review title, review text), so item and user sides agree."""
@@ -241,7 +234,7 @@ class Evaluation:
         self.adapter = load_adapter(config.adapter_file, encoder.dim) if config.adapter_file else None
         if self.adapter is not None:
             self.choices["adapter"] = {
-                "file": config.adapter_file, "sha256": _sha256(config.adapter_file),
+                "file": config.adapter_file, "sha256": file_sha256(Path(config.adapter_file)),
                 "header": self.adapter.header(),
                 "user_side": "adapter.apply on every validation, test and latency-path profile",
                 "item_side": ("mapped by adapter.apply_persona (personas, every-review personas, dense item vectors)"

@@ -431,14 +431,14 @@ def finetune_data(ev, kind: str) -> FinetuneData:
                                [d.item_title(i) for i in range(len(d.item_ids))]))
     text_id = {t: j for j, t in enumerate(texts)}
     train = d.split.train
+    owner = personas.item_of_persona()
     ptr, idx = [0], []
     for p in range(personas.n_personas):
         central = personas.central_reviews[p]
         if len(central):
             idx.extend(text_id[str(ev.texts[train[c]])] for c in central)
         else:
-            item = int(np.searchsorted(personas.offsets, p, side="right") - 1)
-            idx.append(text_id[d.item_title(item)])
+            idx.append(text_id[d.item_title(int(owner[p]))])
         ptr.append(len(idx))
     return FinetuneData(texts, text_id, np.asarray(ptr, np.int64), np.asarray(idx, np.int64), personas, source)
 
@@ -466,16 +466,16 @@ class TowerScorer:
         self.ev, self.data = ev, data
         self.valid_groups = data.profile_groups(ev, ev.valid_history_rows)
         self.held_out = validation_selection(ev, kind)  # labels from the base encoder, fixed
-        self.selection_curve: list[float] = []  # held-out persona selection at each validation
+        # (accuracy, targets, chance) of held-out persona selection at each validation, in call order
+        self.selections: list[tuple[float, int, float]] = []
 
     def vectors(self, tower) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+        emb = tower.embed(np.arange(len(self.data.texts)))
 
-        emb = torch.from_numpy(tower.embed(np.arange(len(self.data.texts))))
         def means(ptr, idx, w):
             rows = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
             out = np.zeros((len(ptr) - 1, emb.shape[1]), np.float32)
-            np.add.at(out, rows, emb.numpy()[idx] * (w[:, None] if w is not None else 1.0))
+            np.add.at(out, rows, emb[idx] * (w[:, None] if w is not None else 1.0))
             return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         profiles = means(*self.valid_groups)
         personas = means(self.data.persona_ptr, self.data.persona_text, None)
@@ -486,17 +486,17 @@ class TowerScorer:
         from persona4rec.evaluation.runner import index_scores, make_index
 
         profiles, personas = self.vectors(tower)
-        self.last = (profiles, personas)
-        self.selection_curve.append(self.selection_accuracy()[0])
+        held = replace(self.held_out, profiles=profiles)
+        self.selections.append(held.accuracy(Adapter.identity(profiles.shape[1]), personas,
+                                             self.data.personas.offsets))
         ps = replace(self.data.personas, vectors=personas)
         d = self.ev.data
         scores = index_scores(make_index(ps), profiles, d.train_matrix, d.eval_users)
         return float(ndcg(ranks_from_scores(scores, d.valid_targets), 10).mean())
 
     def selection_accuracy(self) -> tuple[float, int, float]:
-        profiles, personas = self.last
-        held = replace(self.held_out, profiles=profiles)
-        return held.accuracy(Adapter.identity(profiles.shape[1]), personas, self.data.personas.offsets)
+        """(accuracy, targets, chance) of the last validated weights."""
+        return self.selections[-1]
 
 
 def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", config=None, out_dir,
@@ -510,7 +510,7 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
     vectors), against the same harness with the base encoder (``ev``): paired per user.
     """
     from persona4rec.encoder import Encoder
-    from persona4rec.evaluation.metrics import per_user_metrics
+    from persona4rec.evaluation.metrics import ndcg, per_user_metrics
     from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
     from persona4rec.train.finetune import FinetuneConfig, export_finetuned, finetune
 
@@ -525,9 +525,10 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
     say(f"[finetune/{persona_kind}] {len(pairs)} pairs over {len(data.texts)} texts, {pairs.n_personas} personas")
     result = finetune(model_dir, pairs, config, validate=scorer, progress=progress, say=say,
                       report_path=out / f"{persona_kind}-finetune.report.json")
-    scorer(result.tower)  # the kept (best) weights
-    selection = scorer.selection_accuracy()
-    untrained_selection = scorer.selection_curve[0]
+    # the kept weights were validated during training: read their selection accuracy, not validate again
+    best = [c["step"] for c in result.report["curve"]].index(result.report["best_step"])
+    selection = scorer.selections[best]
+    untrained_selection = scorer.selections[0][0]
     t_export = time.perf_counter()
     onnx_dir = export_finetuned(result, out / f"{persona_kind}-finetuned", overwrite=True,
                                 allow_low_int8_agreement=allow_low_int8_agreement)
@@ -542,8 +543,9 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
     identity = Adapter.identity(ev.encoder.dim)
     results: dict[str, Any] = {}
     for kind in PERSONA_KINDS:
-        base_m = per_user_metrics(rank_phase(ev, persona_set(ev, kind)[0], identity, "test"), (10,))
-        ft_m = per_user_metrics(rank_phase(ev_ft, persona_set(ev_ft, kind)[0], identity, "test"), (10,))
+        base_personas, ft_personas = persona_set(ev, kind)[0], persona_set(ev_ft, kind)[0]
+        base_m = per_user_metrics(rank_phase(ev, base_personas, identity, "test"), (10,))
+        ft_m = per_user_metrics(rank_phase(ev_ft, ft_personas, identity, "test"), (10,))
         entry: dict[str, Any] = {}
         for name, m in (("none", base_m), ("finetune", ft_m)):
             entry[name] = {}
@@ -553,11 +555,8 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
                 if name == "finetune":
                     entry[name][f"test_{metric}"]["p_vs_none"] = paired_bootstrap_pvalue(
                         m[metric], base_m[metric], n_resamples=5 * n_boot, seed=ev.config.seed)
-        from persona4rec.evaluation.metrics import ndcg
-
-        entry["none"]["val_NDCG@10"] = float(ndcg(rank_phase(ev, persona_set(ev, kind)[0], identity, "valid"), 10).mean())
-        entry["finetune"]["val_NDCG@10"] = float(
-            ndcg(rank_phase(ev_ft, persona_set(ev_ft, kind)[0], identity, "valid"), 10).mean())
+        entry["none"]["val_NDCG@10"] = float(ndcg(rank_phase(ev, base_personas, identity, "valid"), 10).mean())
+        entry["finetune"]["val_NDCG@10"] = float(ndcg(rank_phase(ev_ft, ft_personas, identity, "valid"), 10).mean())
         results[kind] = entry
     summary = {
         "trained_on_personas": persona_kind,
@@ -570,7 +569,7 @@ def run_finetune_experiment(ev, model_dir, *, persona_kind: str = "reviews", con
         "finetuned_encoder": {"fingerprint": encoder.fingerprint, "max_length": getattr(encoder, "max_length", None)},
         "heldout_persona_selection": {"untrained_torch": untrained_selection, "finetune_torch": selection[0],
                                       "pairs": selection[1], "chance": selection[2],
-                                      "at_each_validation": scorer.selection_curve[:-1]},
+                                      "at_each_validation": [s[0] for s in scorer.selections]},
         "export_seconds": round(export_seconds, 2),
         "reencode_and_evaluate_seconds": round(time.perf_counter() - t_eval, 2),
         "onnx_dir": str(onnx_dir),

@@ -335,12 +335,12 @@ class TextTower:
             p.requires_grad_(False)
         self.lora_modules: list[tuple[Any, str, Any]] = []
         gen = torch.Generator().manual_seed(config.seed)
+        lora_cls = _lora_linear_class() if config.lora_rank else None
         for layer in layers[self.n_bottom:]:
-            if config.lora_rank == 0:
+            if lora_cls is None:
                 for p in layer.parameters():
                     p.requires_grad_(True)
                 continue
-            lora_cls = _lora_linear_class()
             for name, module in list(layer.named_modules()):
                 if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t)
                                                                for t in config.lora_targets):
@@ -358,10 +358,6 @@ class TextTower:
 
     # -- bottom (frozen, cached)
 
-    def _tokenize(self, texts: Sequence[str], max_length: int):
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
-
     def _run_layers(self, hidden, mask, layers):
         ext = self.model.get_extended_attention_mask(mask, mask.shape)
         for layer in layers:
@@ -373,21 +369,24 @@ class TextTower:
         """Compute and keep the frozen bottom's output of each text (ids: their keys)."""
         torch = self.torch
         todo = [(i, t) for i, t in zip(ids, texts) if i not in self._cache]
-        lengths = [len(x) for x in self.tokenizer([t for _, t in todo], truncation=True,
-                                                  max_length=self.config.max_length)["input_ids"]] if todo else []
-        order = np.argsort(lengths, kind="stable")
+        if not todo:
+            return
+        # tokenized once, unpadded; batches of similar length are padded as they are run
+        tokens = self.tokenizer([t for _, t in todo], truncation=True, max_length=self.config.max_length)
+        fields = list(tokens.keys())
+        order = np.argsort([len(x) for x in tokens["input_ids"]], kind="stable")
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
-                chunk = [todo[j] for j in order[start:start + batch_size]]
-                enc = self._tokenize([t for _, t in chunk], self.config.max_length)
+                rows = order[start:start + batch_size]
+                enc = self.tokenizer.pad({f: [tokens[f][j] for j in rows] for f in fields}, return_tensors="pt")
                 hidden = self.model.embeddings(input_ids=enc["input_ids"],
                                                token_type_ids=enc.get("token_type_ids"))
                 hidden = self._run_layers(hidden, enc["attention_mask"], self.layers[:self.n_bottom])
                 real = enc["attention_mask"].sum(dim=1)
-                for row, (key, _) in enumerate(chunk):
-                    self._cache[key] = hidden[row, : int(real[row])].clone()
+                for row, j in enumerate(rows):
+                    self._cache[todo[j][0]] = hidden[row, : int(real[row])].clone()
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(len(rows))
 
     # -- top (trainable)
 
