@@ -104,3 +104,31 @@ def test_llm_persona_file_with_fallback_and_errors(tmp_path) -> None:
     bad.write_text(json.dumps({"item_id": "A", "personas": [{"ID": "P1"}]}) + "\n")
     with pytest.raises(DataFormatError, match=r"bad.jsonl: line 1: field 'personas\[0\].Name'"):
         load_persona_file(str(bad))
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-7, 1e-3])
+def test_duplicate_and_near_duplicate_reviews_never_crash_or_make_empty_personas(noise: float) -> None:
+    # Six identical "Five Stars" reviews with an empty body (a real Amazon pattern), and the
+    # same with tiny perturbations: k-means used to leave a cluster empty and IndexError.
+    rng = np.random.default_rng(3)
+    base = unit(rng.standard_normal(32))
+    points = unit(base[None, :] + noise * rng.standard_normal((6, 32))).astype(np.float32)
+    other = unit(rng.standard_normal((4, 32))).astype(np.float32)
+    review_item = np.array([0] * 6 + [1] * 4)
+    ps = extract_personas(["dup", "ok"], review_item, np.vstack([points, other]),
+                          ["Five Stars"] * 6 + ["a", "b", "c", "d"], [""] * 10,
+                          max_personas=5, reviews_per_persona=1)
+    counts = np.diff(ps.offsets)
+    assert counts[1] == 4  # distinct reviews still make one persona each
+    if noise == 0.0:
+        assert counts[0] == 1  # identical reviews make one persona, not copies of it
+    assert 1 <= counts[0] <= 5
+    assert ps.support[: counts[0]].sum() == 6 and (ps.support > 0).all()
+    assert all(name == "Five Stars" for name in ps.names[: counts[0]])
+    assert np.isfinite(ps.vectors).all() and np.allclose(np.linalg.norm(ps.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_kmeans_with_more_clusters_than_distinct_points_leaves_no_cluster_empty_when_it_can() -> None:
+    points = unit(np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 2))
+    _, labels = spherical_kmeans(points, 3, seed=0)
+    assert sorted(np.bincount(labels, minlength=3).tolist())[0] >= 1

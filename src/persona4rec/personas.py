@@ -126,16 +126,31 @@ def _kmeans_once(points: np.ndarray, k: int, rng: np.random.Generator,
         if np.array_equal(new_labels, labels):
             break
         labels = new_labels
+        _reseed_empty_clusters(labels, similarity[np.arange(n), labels], k)
         for c in range(k):
             members = labels == c
-            if not members.any():
-                # Re-seed an empty cluster with the point its centroid explains worst.
-                far = int(similarity.max(axis=1).argmin())
-                labels[far] = c
-                members = labels == c
-            centroids[c] = points[members].sum(axis=0)
+            if members.any():
+                centroids[c] = points[members].sum(axis=0)
         centroids = _normalise(centroids)
     return centroids, labels
+
+
+def _reseed_empty_clusters(labels: np.ndarray, fit: np.ndarray, k: int) -> None:
+    """Give each empty cluster its own point, in place: the worst-explained point of a
+    cluster that keeps at least one member. (Re-seeding every empty cluster with the same
+    point used to leave all but the last one empty when reviews were duplicates.) With
+    fewer points than clusters some stay empty; callers drop empty clusters."""
+    counts = np.bincount(labels, minlength=k)
+    fit = fit.astype(np.float64).copy()
+    for c in np.flatnonzero(counts == 0):
+        donors = np.flatnonzero(counts[labels] > 1)
+        if len(donors) == 0:
+            return
+        far = int(donors[fit[donors].argmin()])
+        counts[labels[far]] -= 1
+        labels[far] = c
+        counts[c] = 1
+        fit[far] = np.inf
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -196,10 +211,15 @@ def extract_personas(
             central.append([])
             offsets[item + 1] = offsets[item] + 1
             continue
-        k = personas_for(len(rows), max_personas, reviews_per_persona)
+        # Never more clusters than distinct review embeddings: six identical "Five Stars"
+        # reviews make one persona, not five copies of it (or empty clusters).
+        distinct = len(np.unique(np.round(review_vectors[rows], 5), axis=0))
+        k = min(personas_for(len(rows), max_personas, reviews_per_persona), distinct)
         centroids, labels = spherical_kmeans(review_vectors[rows], k, seed=seed + item)
-        # Larger clusters first: the persona most reviewers share leads the list.
-        for c in sorted(range(k), key=lambda c: (-(labels == c).sum(), c)):
+        # Larger clusters first: the persona most reviewers share leads the list; a cluster
+        # k-means left empty (near-duplicate reviews) is dropped rather than named.
+        kept = [c for c in range(k) if (labels == c).any()]
+        for c in sorted(kept, key=lambda c: (-(labels == c).sum(), c)):
             members = rows[labels == c]
             closeness = review_vectors[members] @ centroids[c]
             ranked = members[np.argsort(-closeness, kind="stable")][:n_central]
@@ -212,7 +232,7 @@ def extract_personas(
                                 (f"In their words: \"{phrase}\"" if phrase else ""))
             support.append(len(members))
             central.append([int(r) for r in ranked])
-        offsets[item + 1] = offsets[item] + k
+        offsets[item + 1] = offsets[item] + len(kept)
     stacked = _normalise(np.concatenate(vectors, axis=0)).astype(np.float32) if vectors else \
         np.zeros((0, review_vectors.shape[1]), dtype=np.float32)
     return PersonaSet(
