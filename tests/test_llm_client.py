@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("httpx")
 
-from llm_fixtures.stub_server import Reply, StubServer, chat_reply  # noqa: E402
+from llm_fixtures.stub_server import Reply, StubServer, chat_reply, chat_reply_without_usage  # noqa: E402
 
 from persona4rec.llm.client import (  # noqa: E402
     ChatClient,
@@ -22,6 +22,7 @@ from persona4rec.llm.client import (  # noqa: E402
     RetriesExhausted,
     is_quota_exhausted,
     parse_retry_after,
+    retry_after_from_headers,
 )
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -214,3 +215,72 @@ def test_invalid_config_is_rejected():
         ClientConfig(concurrency=0)
     with pytest.raises(ValueError, match="response_format"):
         ClientConfig(response_format="xml")
+
+
+# ------------------------------------------------------------------ hostile servers (issue 13)
+
+def test_retry_after_ms_is_honoured_before_retry_after():
+    # OpenAI and Azure send retry-after-ms; before the fix it was ignored and the retry came after ~0-10 ms.
+    with StubServer(scripted(Reply(503, "busy", {"retry-after-ms": "400"}))) as s:
+        result = complete(config(s))
+    assert 0.4 <= result.attempts[0]["wait_s"] <= 0.41
+    assert retry_after_from_headers({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_from_headers({"retry-after-ms": "junk", "retry-after": "2"}) == 2.0
+
+
+def test_a_trickling_body_is_cut_off_by_the_total_deadline():
+    # Each piece arrives well inside the per-read timeout, the whole answer does not: the deadline is total.
+    trickle = Reply(200, chat_reply("slow").body, trickle_s=0.15, trickle_chunks=12)
+    with StubServer(scripted(trickle)) as s:
+        result = complete(config(s, timeout_s=0.5))
+    assert result.text == "ok"
+    assert "timeout" in result.attempts[0]["error"] and "0.5 s" in result.attempts[0]["error"]
+
+
+def test_a_body_that_never_ends_is_cut_off_and_retried():
+    with StubServer(scripted(Reply(200, chat_reply("never").body, stall=True))) as s:
+        result = complete(config(s, timeout_s=0.5))
+    assert result.text == "ok" and result.attempts[0]["error"].startswith("timeout")
+
+
+def test_connection_reset_without_an_answer_is_retried():
+    with StubServer(scripted(Reply(reset=True))) as s:
+        result = complete(config(s))
+    assert result.text == "ok" and result.attempts[0]["error"].startswith("connection error")
+
+
+def test_missing_usage_is_estimated_and_flagged_not_counted_as_zero():
+    with StubServer(lambda b, n: chat_reply_without_usage("x" * 400)) as s:
+        result = complete(config(s))
+    assert result.usage_estimated is True and result.attempts[-1]["usage_estimated"] is True
+    assert result.completion_tokens == 100 and result.prompt_tokens >= 1
+    with StubServer(lambda b, n: chat_reply("x", prompt_tokens=0, completion_tokens=0)) as s:
+        result = complete(config(s))  # a real zero is a real zero
+    assert (result.prompt_tokens, result.completion_tokens, result.usage_estimated) == (0, 0, False)
+
+
+def test_a_server_without_json_schema_support_gets_a_simpler_format_for_the_rest_of_the_run():
+    def responder(body, n):
+        if body.get("response_format", {}).get("type") == "json_schema":
+            return Reply(400, {"error": {"message": "response_format json_schema is not supported"}})
+        return chat_reply("ok")
+
+    async def go(cfg):
+        async with ChatClient(cfg) as client:
+            first = await client.complete(MESSAGES, {"type": "object"}, "answer")
+            second = await client.complete(MESSAGES, {"type": "object"}, "answer")
+            return first, second, client.response_format
+
+    with StubServer(responder) as s:
+        first, second, fmt = asyncio.run(asyncio.wait_for(go(config(s, max_retries=0)), TEST_DEADLINE_S))
+    assert first.text == "ok" and first.attempts[0]["response_format_rejected"] == "json_schema"
+    assert fmt == "json_object" and len(second.attempts) == 1
+    assert [r.get("response_format", {}).get("type") for r in s.requests] == ["json_schema", "json_object",
+                                                                               "json_object"]
+
+
+def test_a_400_about_something_else_is_still_rejected_at_once():
+    with StubServer(lambda b, n: Reply(400, {"error": {"message": "context length exceeded"}})) as s:
+        with pytest.raises(RequestRejected):
+            complete(config(s), {"type": "object"})
+    assert len(s.requests) == 1

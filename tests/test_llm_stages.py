@@ -334,3 +334,22 @@ def test_cli_reports_bad_input_clearly(tmp_path):
                              "--out", str(tmp_path / "a.jsonl")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "reviews.jsonl:1" in result.stderr and "review_id" in result.stderr
+
+
+# ------------------------------------------------------------------ answers with prose around JSON (issue 13, D1/D2)
+
+PREAMBLE = "Sure! Here is the JSON you asked for.\n"
+
+
+def test_summary_after_a_sentence_and_a_fence_is_the_json_value_not_the_raw_text():
+    text = PREAMBLE + '```json\n{"summary": "A capo for acoustic guitars. It clamps on the neck."}\n```'
+    assert parse_summary(text) == {"summary": "A capo for acoustic guitars. It clamps on the neck."}
+    with pytest.raises(SchemaError, match="missing"):  # a fenced object of the wrong shape goes to repair
+        parse_summary(PREAMBLE + '```json\n{"text": "x"}\n```')
+
+
+def test_selection_after_a_sentence_and_a_fence_parses_without_a_repair():
+    text = PREAMBLE + '```json\n{"reasoning": "The user likes thrillers.", "selection": "B08QZRNL5Q_P3"}\n```'
+    assert parse_selection(text, IDS)["selected_index"] == 3
+    # prose with a fence-looking fragment but a valid Selection line still parses as prose
+    assert parse_selection("The user likes thrillers. ``` Selection: P2", IDS)["selected_index"] == 2

@@ -27,6 +27,25 @@ class Reply:
     body: Any = None  # dict/list -> JSON, str -> sent as is
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    # Hostile behaviours: send the body in `trickle_chunks` pieces `trickle_s` apart; send the headers
+    # and half the body, then never finish (`stall`, bounded by MAX_WAIT_S); close without answering (`reset`).
+    trickle_s: float = 0.0
+    trickle_chunks: int = 10
+    stall: bool = False
+    reset: bool = False
+
+
+def chat_reply_without_usage(content: str, delay_s: float = 0.0) -> Reply:
+    """A chat completion with no usage block (some proxies and servers leave it out)."""
+    reply = chat_reply(content, delay_s=delay_s)
+    del reply.body["usage"]
+    return reply
+
+
+def quota_reply() -> Reply:
+    """OpenAI's answer when the account has no credit left: a 429 that waiting does not fix."""
+    return Reply(429, {"error": {"message": "You exceeded your current quota, please check your plan and billing "
+                                            "details.", "type": "insufficient_quota", "code": "insufficient_quota"}})
 
 
 def chat_reply(content: str, prompt_tokens: int = 11, completion_tokens: int = 7, delay_s: float = 0.0) -> Reply:
@@ -53,6 +72,8 @@ class StubServer:
         self.headers_seen: list[dict[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0  # most requests being answered at the same moment
+        self.disconnected_while_waiting = 0  # requests whose client hung up before the answer was sent
+        self.routes: dict[str, Callable[..., Any]] = {}  # extra "METHOD /path" handlers (the batch fake)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -99,8 +120,14 @@ class StubServer:
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
                     return
                 lines = head.decode("latin-1").split("\r\n")
+                method, path = (lines[0].split(" ") + ["", ""])[:2]
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 raw = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", 0))), MAX_WAIT_S)
+                route = self._route(method, path)
+                if route is not None:
+                    reply = route(method, path, headers, raw)
+                    await self._send(writer, reply)
+                    continue
                 try:
                     body = json.loads(raw or b"{}")
                 except json.JSONDecodeError:
@@ -114,21 +141,59 @@ class StubServer:
                 try:
                     reply = self.responder(body, n)
                     if reply.delay_s:
-                        await asyncio.sleep(min(reply.delay_s, MAX_WAIT_S))
+                        await self._wait_or_hangup(reader, min(reply.delay_s, MAX_WAIT_S))
                 finally:
                     with self._lock:
                         self.in_flight -= 1
-                payload = reply.body if isinstance(reply.body, (str, bytes)) else json.dumps(reply.body)
-                data = payload.encode() if isinstance(payload, str) else payload
-                extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
-                writer.write(
-                    f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n".encode() + data)
-                await writer.drain()
+                if reply.reset:
+                    return
+                await self._send(writer, reply)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+
+
+    def _route(self, method: str, path: str) -> Callable[..., Any] | None:
+        for pattern, handler in self.routes.items():
+            want_method, _, prefix = pattern.partition(" ")
+            if method == want_method and path.startswith(prefix):
+                return handler
+        return None
+
+    async def _wait_or_hangup(self, reader: asyncio.StreamReader, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the client closes the connection (counted: a cancelled request)."""
+        try:
+            data = await asyncio.wait_for(reader.read(1), seconds)
+        except asyncio.TimeoutError:
+            return
+        if not data:
+            with self._lock:
+                self.disconnected_while_waiting += 1
+            raise ConnectionError("client hung up")
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: Reply) -> None:
+        payload = reply.body if isinstance(reply.body, (str, bytes)) else json.dumps(reply.body)
+        data = payload.encode() if isinstance(payload, str) else payload
+        extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+        head = (f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n").encode()
+        if reply.stall:  # headers and half the body, then silence (a server that never ends its answer)
+            writer.write(head + data[: len(data) // 2])
+            await writer.drain()
+            await asyncio.sleep(MAX_WAIT_S)
+            raise ConnectionError("stalled reply abandoned")
+        if reply.trickle_s:
+            writer.write(head)
+            step = max(1, -(-len(data) // reply.trickle_chunks))
+            for start in range(0, len(data), step):
+                await writer.drain()
+                await asyncio.sleep(reply.trickle_s)
+                writer.write(data[start: start + step])
+            await writer.drain()
+            return
+        writer.write(head + data)
+        await writer.drain()
 
 
 def main() -> int:

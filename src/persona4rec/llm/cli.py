@@ -2,8 +2,10 @@
 
 Every stage reads and writes JSON lines, can be interrupted and rerun (it resumes),
 and prints a summary of calls, cache hits, retries, failures and tokens. Exit status:
-0 when every task has a record, 1 when some tasks are still pending after transient
-errors (rerun the same command), 2 for bad input or a fatal endpoint error.
+0 when every task has an ok record (or the failed share is within --max-failed-fraction),
+1 when some tasks are still pending after transient errors or the --deadline (rerun the
+same command), 2 for bad input or a fatal endpoint error (the summary of tokens and cost
+so far is still printed), 3 when more records failed than --max-failed-fraction allows.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def _common(p: argparse.ArgumentParser, exclude: bool = False) -> None:
     g.add_argument("--extra-body", default="{}", help="JSON object merged into every request body")
     g.add_argument("--response-format", choices=["json_schema", "json_object", "json_object_schema", "none"],
                    default="json_schema", help="how to ask for JSON (json_object_schema for llama-cpp-python)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds per attempt in total: connect, send and every read of the answer (default 120)")
     g.add_argument("--concurrency", type=int, default=8, help="workers = connection-pool size")
     g.add_argument("--max-retries", type=int, default=6)
     g.add_argument("--rpm", type=float, help="requests-per-minute limit")
@@ -75,6 +78,12 @@ def _common(p: argparse.ArgumentParser, exclude: bool = False) -> None:
     g.add_argument("--dry-run", nargs="?", const=2, type=int, metavar="N",
                    help="print the first N rendered prompts (default 2) and the number of calls; send nothing")
     g.add_argument("--retry-failed", action="store_true", help="redo tasks recorded as failed")
+    g.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="wall-clock limit of the whole run: stop then, cancel the calls in flight and exit 1 "
+                        "(a rerun resumes)")
+    g.add_argument("--max-failed-fraction", type=float, default=0.0, metavar="F",
+                   help="accept up to this share of failed records (0-1) with exit status 0 (default 0: any "
+                        "failed record exits 3)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--summary-json", help="also write the run summary as JSON here")
     p.set_defaults(func=run)
@@ -137,16 +146,26 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry_run is not None:
         return _dry_run(tasks, config, stage, prompts, out, cache, args)
+    if not 0.0 <= args.max_failed_fraction <= 1.0:
+        print(f"llm {args.stage}: --max-failed-fraction must be between 0 and 1", file=sys.stderr)
+        return 2
     try:
         summary = asyncio.run(run_tasks(tasks, config, out, stage, prompts, cache, progress=not args.no_progress,
-                                        retry_failed=args.retry_failed))
+                                        retry_failed=args.retry_failed, deadline_s=args.deadline))
     except FatalLLMError as exc:
         print(f"llm {args.stage}: stopped: {exc}", file=sys.stderr)
+        stopped = getattr(exc, "summary", None)
+        if stopped is not None:
+            _report(stopped, prices, args)
         return 2
+    _report(summary, prices, args)
+    return summary.exit_status(args.max_failed_fraction)
+
+
+def _report(summary: Any, prices: dict[str, Any], args: argparse.Namespace) -> None:
     print(summary.format(prices), file=sys.stderr)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.as_dict(prices), indent=1))
-    return 1 if summary.pending else 0
 
 
 def _dry_run(tasks: list[Any], config: Any, stage: str, prompts: Any, out: Path, cache: Path,

@@ -5,10 +5,19 @@ OpenAI endpoint. This is the only retry layer of the package: callers get either
 completed answer or an exception that says whether retrying later can help.
 
 Retry policy: 408, 409, 429 and 5xx responses, timeouts and connection errors are
-retried with exponential backoff and full jitter, waiting for ``Retry-After``
-(seconds or an HTTP date) instead when the server sends one, capped at
-``retry_after_cap_s``. 400/401/403/404 (and other 4xx) are never retried, nor is a
-429 whose body says the quota is exhausted: waiting does not fix those.
+retried with exponential backoff and full jitter, waiting for ``retry-after-ms``
+(OpenAI, Azure) or ``Retry-After`` (seconds or an HTTP date) instead when the server
+sends one, capped at ``retry_after_cap_s``. 400/401/403/404 (and other 4xx) are never
+retried, nor is a 429 whose body says the quota is exhausted: waiting does not fix those.
+
+Deadline: ``timeout_s`` bounds each attempt as a whole (connect, send and every read of
+the body), not each read, so a server that trickles its answer or never ends it cannot
+hold a worker longer than that.
+
+Structured output: a 400 that names ``response_format`` (a server without JSON-schema
+support) downgrades the request format for the rest of the run, json_schema ->
+json_object -> none, and the same request is sent again at once; answers are validated
+client-side either way.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ class ClientConfig:
     seed: int | None = 0
     extra_body: dict[str, Any] = field(default_factory=dict)
     response_format: ResponseFormat = "json_schema"
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # total per attempt: connect plus every read of the body
     concurrency: int = 8
     max_retries: int = 6
     backoff_base_s: float = 1.0
@@ -113,6 +122,8 @@ class ChatResult:
     completion_tokens: int
     finish_reason: str | None
     attempts: list[dict[str, Any]]
+    # True when the server sent no usage block: the token counts are then estimated from characters / 4.
+    usage_estimated: bool = False
 
 
 class RateLimiter:
@@ -154,6 +165,17 @@ class RateLimiter:
             handle[1] = float(actual_tokens)
 
 
+def retry_after_from_headers(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (OpenAI, Azure; preferred, finer) or ``Retry-After``."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis.strip()) / 1000.0)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("retry-after"), now)
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent/invalid."""
     if not value:
@@ -185,7 +207,21 @@ def is_quota_exhausted(body: str) -> bool:
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int) -> int:
     """A cheap upper-ish estimate for rate limiting: ~4 characters per token plus the answer budget."""
-    return sum(len(m.get("content") or "") for m in messages) // 4 + max_tokens
+    return prompt_token_estimate(messages) + max_tokens
+
+
+def prompt_token_estimate(messages: list[dict[str, str]]) -> int:
+    """~4 characters per token (used when a server sends no usage block, and for rate limiting)."""
+    return sum(len(m.get("content") or "") for m in messages) // 4
+
+
+def names_response_format(status: int, body: str) -> bool:
+    """True when a 400/422 says the request's ``response_format`` is not supported."""
+    return status in (400, 422) and bool(re.search(r"response_format|json_schema|structured output", body, re.I))
+
+
+FORMAT_FALLBACK: dict[str, str] = {"json_schema": "json_object", "json_object_schema": "json_object",
+                                   "json_object": "none"}
 
 
 class ChatClient:
@@ -216,6 +252,8 @@ class ChatClient:
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)))
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        # The request format actually sent; lowered for the rest of the run when the server rejects it.
+        self.response_format: str = config.response_format
 
     def __repr__(self) -> str:
         return f"ChatClient(url={self._url!r}, model={self.config.model!r})"
@@ -230,22 +268,19 @@ class ChatClient:
         while not self._slots.empty():
             await self._slots.get_nowait().aclose()
 
-    def build_body(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, schema_name: str) -> dict[str, Any]:
+    def build_body(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, schema_name: str,
+                   response_format: str | None = None) -> dict[str, Any]:
         """The JSON body of a chat-completions request (``extra_body`` fields win)."""
-        cfg = self.config
-        body: dict[str, Any] = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
-                                "max_tokens": cfg.max_tokens}
-        if cfg.seed is not None:
-            body["seed"] = cfg.seed
-        if schema is not None and cfg.response_format == "json_schema":
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": schema_name, "schema": schema}}
-        elif schema is not None and cfg.response_format == "json_object":
-            body["response_format"] = {"type": "json_object"}
-        elif schema is not None and cfg.response_format == "json_object_schema":
-            body["response_format"] = {"type": "json_object", "schema": schema}
-        body.update(cfg.extra_body)
-        return body
+        return build_chat_body(self.config, messages, schema, schema_name,
+                               response_format or self.response_format)
+
+    def _downgrade_format(self, sent: str) -> bool:
+        """Lower the request format after the server rejected ``sent``; False when nothing is left to drop."""
+        if sent not in FORMAT_FALLBACK:
+            return False
+        if self.response_format == sent:
+            self.response_format = FORMAT_FALLBACK[sent]
+        return True
 
     def _backoff(self, retry_index: int, retry_after: float | None) -> float:
         cfg = self.config
@@ -261,18 +296,22 @@ class ChatClient:
         Raises :class:`RequestRejected`, :class:`RetriesExhausted` or :class:`FatalLLMError`,
         each carrying the list of attempts made.
         """
-        body = self.build_body(messages, schema, schema_name)
         attempts: list[dict[str, Any]] = []
         estimated = estimate_tokens(messages, self.config.max_tokens)
-        for attempt in range(self.config.max_retries + 1):
+        attempt = 0
+        format_changes = 0
+        while attempt <= self.config.max_retries:
+            sent_format = self.response_format
+            body = self.build_body(messages, schema, schema_name, sent_format)
             handle = await self._limiter.acquire(estimated)
-            record: dict[str, Any] = {"attempt": attempt + 1}
+            record: dict[str, Any] = {"attempt": len(attempts) + 1}
             retry_after = None
             started = time.monotonic()
             try:
                 response = await self._post(body)
-            except httpx.TimeoutException as exc:
-                record.update(error=f"timeout ({type(exc).__name__})")
+            except (httpx.TimeoutException, TimeoutError) as exc:
+                record.update(error=f"timeout ({type(exc).__name__}; the whole attempt is bounded by "
+                                    f"{self.config.timeout_s:g} s)")
             except httpx.TransportError as exc:
                 record.update(error=f"connection error ({type(exc).__name__}: {exc})")
             else:
@@ -280,7 +319,7 @@ class ChatClient:
                 status = response.status_code
                 if status == 200:
                     try:
-                        result = self._parse_success(response, attempts, record, started)
+                        result = self._parse_success(response, attempts, record, started, messages)
                     except ValueError as exc:  # a 200 with a broken body is a server fault: retry it
                         record.update(error=str(exc))
                     else:
@@ -300,39 +339,83 @@ class ChatClient:
                                 404: "check --base-url (it should end in /v1) and --model"}[status]
                         raise FatalLLMError(f"HTTP {status} from {self._url}: {hint}. Server said: {_short(text)}",
                                             attempts)
+                    if ("response_format" in body and names_response_format(status, text)
+                            and format_changes < 2 and self._downgrade_format(sent_format)):
+                        # Not the request's fault and not transient: send it again at once, in a simpler format.
+                        format_changes += 1
+                        record["response_format_rejected"] = sent_format
+                        attempts.append(_finish(record, started))
+                        continue
                     if status not in RETRYABLE_STATUS:
                         attempts.append(_finish(record, started))
                         raise RequestRejected(f"HTTP {status}: {_short(text)}", attempts)
-                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    retry_after = retry_after_from_headers(response.headers)
             attempts.append(_finish(record, started))
             if attempt < self.config.max_retries:
                 wait = self._backoff(attempt, retry_after)
                 record["wait_s"] = round(wait, 3)
                 await asyncio.sleep(wait)
+            attempt += 1
         raise RetriesExhausted(
             f"gave up after {len(attempts)} attempts; last error: {attempts[-1].get('error')}", attempts)
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
         http = await self._slots.get()
         try:
-            return await http.post(self._url, json=body)  # reads the whole body before the slot is freed
+            # One deadline for the whole attempt: httpx's timeout bounds each read, so a trickling body
+            # would otherwise hold the worker for as long as the server keeps sending.
+            async with asyncio.timeout(self.config.timeout_s):
+                return await http.post(self._url, json=body)  # reads the whole body before the slot is freed
         finally:
             self._slots.put_nowait(http)
 
     def _parse_success(self, response: httpx.Response, attempts: list[dict[str, Any]],
-                       record: dict[str, Any], started: float) -> ChatResult:
+                       record: dict[str, Any], started: float, messages: list[dict[str, str]]) -> ChatResult:
         try:
             payload = response.json()
             choice = payload["choices"][0]
             text = choice["message"].get("content") or ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise ValueError(f"HTTP 200 with a body that is not a chat completion: {_short(response.text)}") from None
-        usage = payload.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
+        prompt_tokens, completion_tokens, estimated = read_usage(payload.get("usage"), messages, text)
         record.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        if estimated:
+            record["usage_estimated"] = True
         attempts.append(_finish(record, started))
-        return ChatResult(text, prompt_tokens, completion_tokens, choice.get("finish_reason"), attempts)
+        return ChatResult(text, prompt_tokens, completion_tokens, choice.get("finish_reason"), attempts, estimated)
+
+
+def read_usage(usage: Any, messages: list[dict[str, str]], text: str) -> tuple[int, int, bool]:
+    """(prompt tokens, completion tokens, estimated?) from a response's usage block.
+
+    A missing or unreadable block is not zero tokens: the counts are estimated at ~4
+    characters per token and flagged, so the run's totals and cost say they are estimates.
+    """
+    if isinstance(usage, dict):
+        try:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if prompt is not None and completion is not None:
+                return int(prompt), int(completion), False
+        except (TypeError, ValueError):
+            pass
+    return prompt_token_estimate(messages), max(1, len(text) // 4), True
+
+
+def build_chat_body(cfg: ClientConfig, messages: list[dict[str, str]], schema: dict[str, Any] | None,
+                    schema_name: str, response_format: str) -> dict[str, Any]:
+    """The JSON body of a chat-completions request (``extra_body`` fields win); shared with the batch mode."""
+    body: dict[str, Any] = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
+                            "max_tokens": cfg.max_tokens}
+    if cfg.seed is not None:
+        body["seed"] = cfg.seed
+    if schema is not None and response_format == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": schema_name, "schema": schema}}
+    elif schema is not None and response_format == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif schema is not None and response_format == "json_object_schema":
+        body["response_format"] = {"type": "json_object", "schema": schema}
+    body.update(cfg.extra_body)
+    return body
 
 
 def _finish(record: dict[str, Any], started: float) -> dict[str, Any]:

@@ -94,15 +94,27 @@ def aspect_tasks(reviews: Iterable[dict[str, Any]], prompts: PromptSet,
 
 # ---------------------------------------------------------------- summaries
 
+# JSON somewhere in an answer: a code fence, or an object opening with one of the stage's field names.
+_FENCE_OR_OBJECT = re.compile(r'```|^\s*[{\[]|\{\s*"(?:summary|reasoning|selection|selected_persona_id)"')
+
+
+def _has_json(text: str) -> bool:
+    return bool(_FENCE_OR_OBJECT.search(text))
+
+
 def parse_summary(text: str) -> dict[str, Any]:
-    """``{"summary": str}`` from a JSON answer, or from plain prose when the model ignored the JSON request."""
+    """``{"summary": str}`` from a JSON answer, or from plain prose when the model ignored the JSON request.
+
+    JSON anywhere in the answer (a fence after a sentence of preamble, say) is read as JSON: the
+    preamble is not the summary, and a fenced object that fails the schema goes back for repair.
+    """
     stripped = text.strip()
-    if stripped.startswith(("{", "[", "```")):
+    if not stripped:
+        raise SchemaError("the answer is empty; write the 2-3 sentence summary")
+    if _has_json(stripped):
         value = extract_json(stripped)
         validate(value, SUMMARY_SCHEMA)
         return {"summary": value["summary"].strip()}
-    if not stripped:
-        raise SchemaError("the answer is empty; write the 2-3 sentence summary")
     return {"summary": stripped}
 
 
@@ -250,8 +262,12 @@ def parse_selection(text: str, persona_ids: list[str]) -> dict[str, Any]:
     if not stripped:
         raise SchemaError("the answer is empty; give the reasoning and the selected persona id")
     value = None
-    if stripped.startswith(("{", "```")):
-        value = extract_json(stripped)
+    if _has_json(stripped):  # also after a sentence of preamble ("Here is my answer: ```json ...")
+        try:
+            value = extract_json(stripped)
+        except SchemaError:
+            if find_selection(stripped, persona_ids=persona_ids, strict=True).marker is None:
+                raise
     if isinstance(value, dict):
         choice_key = next((k for k in _JSON_CHOICE_KEYS if k in value), None)
         if choice_key is None:
@@ -297,8 +313,15 @@ def selection_requests(reviews: Iterable[dict[str, Any]], exclude_review_ids: Co
 def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterable[dict[str, Any]],
                     prompts: PromptSet, summaries: dict[str, str] | None = None,
                     items: dict[str, dict[str, Any]] | None = None, like_threshold: float = 4.0) -> list[Task]:
-    """One task per request whose target has personas; history ratings >= ``like_threshold`` count as liked."""
+    """One task per request; history ratings >= ``like_threshold`` count as liked.
+
+    A request whose target item has no valid personas (its persona record failed or is missing)
+    becomes a task that is recorded as failed without a call, so the run counts it and exits
+    non-zero instead of silently judging fewer users.
+    """
+    persona_records = list(persona_records)
     personas_by_item = {r["item_id"]: r["personas"] for r in persona_records if r.get("status") == "ok"}
+    failed_items = {r["item_id"] for r in persona_records if r.get("status") == "failed"}
     summaries = summaries or {}
     items = items or {}
 
@@ -311,6 +334,13 @@ def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterabl
     for req in requests:
         personas = personas_by_item.get(req["target_item_id"])
         if not personas:
+            target = req["target_item_id"]
+            why = "its persona record failed" if target in failed_items else "it has no persona record"
+            tasks.append(Task(f"{req['user_id']}|{target}", [], None, _never_called,
+                              {"user_id": req["user_id"], "target_item_id": target,
+                               "history_item_ids": [h["item_id"] for h in req["history"]]},
+                              fail_reason=f"target item {target} has no personas ({why}); rerun the personas "
+                                          "stage for it, then this stage with --retry-failed"))
             continue
         liked = [describe(h["item_id"], h["rating"]) for h in req["history"] if h["rating"] >= like_threshold]
         disliked = [describe(h["item_id"], h["rating"]) for h in req["history"] if h["rating"] < like_threshold]
@@ -333,6 +363,10 @@ def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterabl
     return tasks
 
 
+def _never_called(text: str) -> dict[str, Any]:
+    raise SchemaError("this task has no prompt")
+
+
 # ---------------------------------------------------------------- running
 
 def ok_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -346,9 +380,9 @@ def summaries_from_records(records: Iterable[dict[str, Any]]) -> dict[str, str]:
 
 async def run_tasks(tasks: list[Task], config: ClientConfig, output: str | Path, stage: str, prompts: PromptSet,
                     cache_path: str | Path | None = None, progress: bool = False,
-                    retry_failed: bool = False) -> RunSummary:
+                    retry_failed: bool = False, deadline_s: float | None = None) -> RunSummary:
     """Run ``tasks`` against the endpoint of ``config``, appending records to ``output``."""
     async with ChatClient(config) as client:
         runner = JobRunner(client, stage, prompts.tag, prompts.fingerprint,
-                           Path(cache_path) if cache_path else None, progress)
+                           Path(cache_path) if cache_path else None, progress, deadline_s=deadline_s)
         return await runner.run(tasks, Path(output), retry_failed=retry_failed)
