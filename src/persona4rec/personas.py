@@ -262,13 +262,23 @@ def mean_item_vectors(n_items: int, review_item: np.ndarray, review_vectors: np.
 def load_persona_file(path: str) -> dict[str, list[dict[str, str]]]:
     """Read LLM personas (``3_personas.jsonl[.gz]`` rows: ``item_id`` and a ``personas``
     list of ``ID``/``Name``/``Description``/``Preference_Rationale``) into
-    ``{item_id: [persona, ...]}``. Errors name the file, line and field."""
+    ``{item_id: [persona, ...]}``. Errors name the file, line and field.
+
+    Records of the ``llm personas`` stage with ``status: "failed"`` (the model's answers
+    failed validation twice; no personas) are skipped with a warning naming how many:
+    those items keep their fallback personas, as items missing from the file do."""
+    import warnings
+
     from persona4rec.data.loaders import iter_records
     from persona4rec.data.tables import DataFormatError
 
     out: dict[str, list[dict[str, str]]] = {}
+    failed: list[str] = []
     for number, record in iter_records(path):
         where = f"{path}: line {number}"
+        if record.get("status") == "failed":
+            failed.append(str(record.get("item_id", f"line {number}")))
+            continue
         if "item_id" not in record:
             raise DataFormatError(f"{where}: field 'item_id': missing (expected persona rows of the LLM stage)")
         personas = record.get("personas")
@@ -282,6 +292,10 @@ def load_persona_file(path: str) -> dict[str, list[dict[str, str]]]:
                          "description": str(persona.get("Description", "")).strip(),
                          "rationale": str(persona.get("Preference_Rationale", "")).strip()})
         out[str(record["item_id"])] = rows
+    if failed:
+        warnings.warn(f"{path}: {len(failed)} failed persona record(s) skipped (e.g. {', '.join(failed[:3])}); "
+                      "those items keep their fallback personas. Rerun `persona4rec llm personas ... "
+                      "--retry-failed` to redo them.", stacklevel=2)
     return out
 
 
