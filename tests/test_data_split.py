@@ -1,4 +1,4 @@
-"""Dedupe, k-core and the leave-one-out split by time (including its tie-break)."""
+"""Dedupe, k-core, the leave-one-out split by time (including its tie-break) and the temporal split."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from persona4rec.data import ReviewTable, dedupe_keep_latest, k_core, leave_one_out_split
+from persona4rec.data import ReviewTable, dedupe_keep_latest, k_core, leave_one_out_split, temporal_split
 
 
 def table(rows: list[tuple[str, str, float]]) -> ReviewTable:
@@ -100,3 +100,58 @@ def test_real_mi_5core_tie_statistics() -> None:
     # Only users with a same-day tie can change their held-out pair.
     changed = reviews.item[random_split.test] != reviews.item[file_split.test]
     assert changed.any() and not (changed & ~same_day).any()
+
+
+def test_temporal_split_cuts_globally_and_targets_each_users_first_review_of_a_period() -> None:
+    rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 8), ("u", "d", 9), ("u", "e", 10),
+            ("v", "a", 3), ("v", "b", 3.5), ("v", "f", 9.5),
+            ("w", "b", 7), ("w", "c", 7.5), ("w", "g", 11),   # nothing in the validation period
+            ("x", "g", 10.5), ("x", "h", 11.5),              # no train review: never evaluated
+            ("y", "a", 4), ("y", "b", 5), ("y", "c", 6)]     # train only
+    t = table(rows)
+    split = temporal_split(t, valid_share=0.2, test_share=0.2, tie_break="file")
+    assert split.valid_start == 8 and split.test_start == 10  # times at the 60% and 80% positions
+    ts = t.timestamp
+    assert (ts[split.train] < split.valid_start).all()
+    assert ((ts[split.valid_period] >= split.valid_start) & (ts[split.valid_period] < split.test_start)).all()
+    assert sorted(np.concatenate([split.train, split.valid_period]).tolist()) == \
+        np.flatnonzero(ts < split.test_start).tolist()
+    # validation: each user's first validation-period review (u: c, not d)
+    assert sorted(zip(t.user[split.valid], t.item[split.valid])) == [("u", "c"), ("v", "f")]
+    # test: first test-period review of each user with a train review; x has none, y no test review
+    assert sorted(zip(t.user[split.test], t.item[split.test])) == [("u", "e"), ("w", "g")]
+    assert "temporal" in split.describe() and split.protocol == "temporal"
+    with pytest.raises(ValueError, match="sum below 1"):
+        temporal_split(t, valid_share=0.6, test_share=0.5)
+    with pytest.raises(ValueError, match="distinct times"):
+        temporal_split(table([("u", "a", 1), ("v", "b", 1), ("w", "c", 1)]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("uvwx"), st.sampled_from("abcdefgh"), st.integers(0, 9)),
+                min_size=3, max_size=40), st.integers(0, 3))
+def test_temporal_split_never_lets_a_target_precede_any_train_review(rows, seed) -> None:
+    t = dedupe_keep_latest(table(rows))
+    try:
+        split = temporal_split(t, 0.2, 0.2, seed=seed)
+    except ValueError as exc:
+        assert "distinct times" in str(exc)
+        return
+    latest_train = t.timestamp[split.train].max()
+    for targets, start in ((split.valid, split.valid_start), (split.test, split.test_start)):
+        assert len(set(t.user[targets].tolist())) == len(targets)  # one target per user
+        assert (t.timestamp[targets] >= start).all() and (t.timestamp[targets] > latest_train).all()
+        assert set(t.user[targets].tolist()) <= set(t.user[split.train].tolist())
+    assert set(split.valid.tolist()) <= set(split.valid_period.tolist())
+
+
+def test_real_mi_5core_temporal_split() -> None:
+    shared = os.environ.get("PERSONA4REC_SHARED")
+    if not shared or not (Path(shared) / "data" / "amazon-mi-5core").is_dir():
+        pytest.skip("PERSONA4REC_SHARED is not set or has no data/amazon-mi-5core")
+    from persona4rec.data import load_dataset
+
+    reviews, _ = load_dataset("amazon-mi-5core", download=False)
+    split = temporal_split(reviews)
+    assert len(split.train) == 8208 and len(split.valid_period) == 1021
+    assert len(split.valid) == 274 and len(split.test) == 294

@@ -14,6 +14,12 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="amazon-mi-5core", help="registered dataset name (default: %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="folder holding the dataset files (default: $PERSONA4REC_SHARED/data/<dataset>, then the cache)")
+    p.add_argument("--split", choices=["loo", "temporal"], default="loo",
+                   help="loo: per user, last review = test, second to last = validation; temporal: global time cuts "
+                        "(train, then --valid-share, then --test-share of the reviews by time), each user's first "
+                        "review of a period is their target (default: %(default)s)")
+    p.add_argument("--valid-share", type=float, default=0.1, help="temporal: share of reviews in the validation period")
+    p.add_argument("--test-share", type=float, default=0.1, help="temporal: share of reviews in the test period")
     p.add_argument("--tie-break", choices=["random", "file"], default="random",
                    help="order of same-timestamp reviews in the split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tie-break, k-means, BPR and bootstrap")
@@ -39,7 +45,8 @@ def register(sub) -> None:
 
 def default_out(args: argparse.Namespace) -> str:
     """The report folder when --out is not given; an adapter run never overwrites the plain one."""
-    out = f"reports/evaluate/{args.dataset}-{args.tie_break}"
+    split = getattr(args, "split", "loo")
+    out = f"reports/evaluate/{args.dataset}-{args.tie_break}" + ("" if split == "loo" else f"-{split}")
     return f"{out}-adapter-{Path(args.adapter).name.removesuffix('.npz')}" if args.adapter else out
 
 
@@ -53,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, tie_break=args.tie_break, seed=args.seed,
+    config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                              valid_share=args.valid_share, test_share=args.test_share,
+                              tie_break=args.tie_break, seed=args.seed,
                               max_personas=args.max_personas, reviews_per_persona=args.reviews_per_persona,
                               persona_file=args.personas, adapter_file=args.adapter)
     try:
@@ -71,8 +80,12 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(report, out, plots=not args.no_plots)
     print(markdown_table(report))
     print()
+    headline = report["headline"]
+    print(f"headline (chosen on validation): {headline['method']} [{headline['setting']}], alpha "
+          f"{headline['alpha']:.2f}")
     for p in report["p_values"]:
-        print(f"p({p['a']} vs {p['b']}, NDCG@10) = {p['p_value']:.4f}  ({p['mean_a']:.4f} vs {p['mean_b']:.4f})")
+        print(f"p({p['a']} vs {p['b']}, NDCG@10) = {p['p_value']:.4f}, Holm {p['p_holm']:.4f}  "
+              f"({p['mean_a']:.4f} vs {p['mean_b']:.4f})")
     print()
     for ex in report["examples"]:
         print(f"user {ex['user_id']}: recently " + "; ".join(h["title"][:50] for h in ex["recent_history"][-3:]))

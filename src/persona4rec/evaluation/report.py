@@ -42,6 +42,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells = [_fmt_ci(m["test"][k]) if "ci95" in m["test"][k] else f"{m['test'][k]['mean']:.4f}"
                  for k in SUMMARY_METRICS]
         name = m["method"] + (f" (alpha={m['params']['alpha']:.2f})" if "alpha" in m["params"] else "")
+        if m.get("headline"):
+            name = f"**{name}, chosen on validation**"
         lines.append(f"| {name} | {m['setting']} | " + " | ".join(cells) +
                      f" | {m['valid']['NDCG@10']:.4f} | {_latency_for(report, m['method'], m['setting'])} |")
     return "\n".join(lines)
@@ -49,11 +51,20 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     d = report["dataset"]
+    protocol = report["protocol"]
+    if "users_with_last_two_on_the_same_timestamp" in d:
+        ties = (f"{d['users_with_last_two_on_the_same_timestamp']} users have their last two reviews on the same "
+                "timestamp. ")
+    else:
+        ties = ""
+    no_cf = d.get("targets_no_cf_can_recommend")
+    no_cf_line = (f"Targets whose item has no train interaction (no CF method can recommend them): "
+                  f"{no_cf['valid']} of {protocol.get('valid_users', '?')} validation and {no_cf['test']} of "
+                  f"{protocol.get('test_users', '?')} test targets. " if no_cf else "")
     out = [f"# Evaluation: {report['config']['dataset']}", "",
-           f"{d['reviews']} reviews, {d['users']} users, {d['items']} items; {report['protocol']['split']}; "
-           f"{d['users_with_last_two_on_the_same_timestamp']} users have their last two reviews on the same "
-           "timestamp. Test set; every choice was made on validation NDCG@10. HR@10 and NDCG@10 show 95% "
-           "bootstrap CIs over users.", "",
+           f"{d['reviews']} reviews, {d['users']} users, {d['items']} items; {protocol['split']}; {ties}{no_cf_line}"
+           "Test set; every choice was made on validation NDCG@10; the first row is the configuration chosen on "
+           "validation. HR@10 and NDCG@10 show 95% bootstrap CIs over users.", "",
            f"Encoder: {json.dumps(report.get('encoder'))}", "",
            *([f"User-persona adapter `{report['config']['adapter_file']}`: profiles through `adapter.apply`; "
               f"personas and item vectors: {report['choices'].get('adapter', {}).get('item_side', '?')} "
@@ -69,10 +80,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             "| method | " + " | ".join(f"top-{n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for method, rates in report.get("candidate_hit_rate", {}).items():
         out.append(f"| {method} | " + " | ".join(f"{rates[n]:.4f}" for n in sizes) + " |")
-    out += ["", "## Paired bootstrap p-values (test NDCG@10)", "", "| A | B | mean A | mean B | p |",
-            "|---|---|---|---|---|"]
+    out += ["", "## Paired bootstrap p-values (test NDCG@10; Holm-corrected over this family of comparisons)", "",
+            "| A | B | mean A | mean B | p | p (Holm) |", "|---|---|---|---|---|---|"]
     for p in report["p_values"]:
-        out.append(f"| {p['a']} | {p['b']} | {p['mean_a']:.4f} | {p['mean_b']:.4f} | {p['p_value']:.4f} |")
+        holm = f"{p['p_holm']:.4f}" if "p_holm" in p else ""
+        out.append(f"| {p['a']} | {p['b']} | {p['mean_a']:.4f} | {p['mean_b']:.4f} | {p['p_value']:.4f} | {holm} |")
     out += ["", "## Scenarios (test NDCG@10)", ""]
     groups = list(report["scenarios"])
     out.append("| method | " + " | ".join(f"{g} (n={report['scenarios'][g]['users']})" for g in groups) + " |")

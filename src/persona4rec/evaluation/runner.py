@@ -1,11 +1,14 @@
 """The end-to-end evaluation: load, split, personas, encode, index, baselines, metrics.
 
-Protocol (leave-one-out by time, see :mod:`persona4rec.data.split`):
+Protocols (see :mod:`persona4rec.data.split`): ``split="loo"`` (leave-one-out by time)
+or ``split="temporal"`` (two global time cuts; each user's first review of a period is
+their target there).
 
 * Validation: history = train reviews, target = the validation item. Every choice
-  (CF hyper-parameters, BPR epochs, the first stage, the fusion weight alpha) is made
-  here, on NDCG@10.
-* Test: history = train + validation reviews, target = the test item. Reported once.
+  (CF hyper-parameters, BPR epochs, the first stage, the fusion weight alpha, the rerank
+  depth) is made here, on NDCG@10; the report's headline row is the fused configuration
+  chosen here, and its p-values are Holm-corrected over the reported family.
+* Test: history = train + validation-period reviews, target = the test item. Reported once.
 * Item side (personas, item vectors, popularity, CF item models) is built from train
   reviews only; test review texts are never encoded at all.
 * Full ranking ranks every item except the user's history; reranking reorders the
@@ -33,10 +36,12 @@ from persona4rec.data import (
     ItemTable,
     LeaveOneOutSplit,
     ReviewTable,
+    TemporalSplit,
     dedupe_keep_latest,
     k_core,
     leave_one_out_split,
     load_dataset,
+    temporal_split,
 )
 from persona4rec.evaluation import baselines as bl
 from persona4rec.evaluation.candidates import candidate_lists, ceiling, exclude_history, fuse, fused_rerank, rerank
@@ -44,7 +49,7 @@ from persona4rec.evaluation.metrics import DEFAULT_CUTOFFS, ranks_from_lists, ra
 from persona4rec.evaluation.metrics import ndcg as ndcg_at
 from persona4rec.evaluation.metrics import per_user_metrics
 from persona4rec.encoder import file_sha256
-from persona4rec.evaluation.stats import bootstrap_ci, paired_bootstrap_pvalue
+from persona4rec.evaluation.stats import bootstrap_ci, holm_adjust, paired_bootstrap_pvalue
 from persona4rec.personas import PersonaSet, extract_personas, mean_item_vectors
 from persona4rec.profile import (
     DEFAULT_GAMMA,
@@ -67,6 +72,7 @@ BPR_MAX_EPOCHS = 300
 BPR_EVAL_EVERY = 25
 CI_METRICS = ("HR@10", "NDCG@10")
 ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
+SPLITS = ("loo", "temporal")
 
 
 @dataclass
@@ -75,6 +81,9 @@ class EvaluationConfig:
 
     dataset: str = "amazon-mi-5core"
     data_dir: str | None = None
+    split: str = "loo"  # "loo" (leave-one-out by time) or "temporal" (global time cuts)
+    valid_share: float = 0.1  # temporal: share of reviews in the validation period
+    test_share: float = 0.1  # temporal: share of reviews in the test period
     tie_break: str = "random"
     seed: int = 0
     k_core: int = 5
@@ -103,16 +112,29 @@ class Prepared:
 
     reviews: ReviewTable
     items: ItemTable | None
-    split: LeaveOneOutSplit
+    split: LeaveOneOutSplit | TemporalSplit
     user_ids: list[str]
     item_ids: list[str]
     review_user: np.ndarray
     review_item: np.ndarray
-    eval_users: np.ndarray
+    valid_users: np.ndarray
+    test_users: np.ndarray
     valid_targets: np.ndarray
     test_targets: np.ndarray
     train_matrix: sp.csr_matrix
     test_history: sp.csr_matrix
+
+    @property
+    def eval_users(self) -> np.ndarray:
+        """The test users (under leave-one-out also the validation users, in the same order)."""
+        return self.test_users
+
+    def users(self, phase: str) -> np.ndarray:
+        return self.valid_users if phase == "valid" else self.test_users
+
+    def history_matrix(self, phase: str) -> sp.csr_matrix:
+        """What is known when ranking for ``phase``: train, or train + the validation period."""
+        return self.train_matrix if phase == "valid" else self.test_history
 
     def item_title(self, item: int) -> str:
         item_id = self.item_ids[item]
@@ -122,7 +144,13 @@ class Prepared:
 def prepare(reviews: ReviewTable, items: ItemTable | None, config: EvaluationConfig) -> Prepared:
     """Dedupe, k-core, split and map ids to dense positions."""
     table = k_core(dedupe_keep_latest(reviews), config.k_core)
-    split = leave_one_out_split(table, config.tie_break, config.seed)
+    if config.split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {config.split!r}")
+    split: LeaveOneOutSplit | TemporalSplit
+    if config.split == "temporal":
+        split = temporal_split(table, config.valid_share, config.test_share, config.tie_break, config.seed)
+    else:
+        split = leave_one_out_split(table, config.tie_break, config.seed)
     user_ids = sorted(set(table.user.tolist()))
     item_ids = sorted(set(table.item.tolist()))
     user_pos = {u: i for i, u in enumerate(user_ids)}
@@ -131,10 +159,11 @@ def prepare(reviews: ReviewTable, items: ItemTable | None, config: EvaluationCon
     review_item = np.fromiter((item_pos[x] for x in table.item), dtype=np.int64, count=len(table))
     n_users, n_items = len(user_ids), len(item_ids)
     train_matrix = bl.interaction_matrix(review_user[split.train], review_item[split.train], n_users, n_items)
-    known = np.concatenate([split.train, split.valid])
+    known = np.concatenate([split.train, split.valid_period])
     test_history = bl.interaction_matrix(review_user[known], review_item[known], n_users, n_items)
     return Prepared(table, items, split, user_ids, item_ids, review_user, review_item,
-                    eval_users=review_user[split.test], valid_targets=review_item[split.valid],
+                    valid_users=review_user[split.valid], test_users=review_user[split.test],
+                    valid_targets=review_item[split.valid],
                     test_targets=review_item[split.test], train_matrix=train_matrix, test_history=test_history)
 
 
@@ -253,25 +282,36 @@ class Evaluation:
             reviews, items = load_dataset(self.config.dataset, self.config.data_dir)
         self.data = prepare(reviews, items, self.config)
         d = self.data
-        same_day = int((d.reviews.timestamp[d.split.valid] == d.reviews.timestamp[d.split.test]).sum())
         self.dataset_stats = {
             "reviews": len(d.reviews), "users": len(d.user_ids), "items": len(d.item_ids),
             "train": len(d.split.train), "valid": len(d.split.valid), "test": len(d.split.test),
-            "users_with_last_two_on_the_same_timestamp": same_day, "split": d.split.describe(),
+            "split": d.split.describe(),
         }
+        if d.split.protocol == "loo":
+            self.dataset_stats["users_with_last_two_on_the_same_timestamp"] = int(
+                (d.reviews.timestamp[d.split.valid] == d.reviews.timestamp[d.split.test]).sum())
+        else:
+            self.dataset_stats["validation_period_reviews"] = len(d.split.valid_period)
+        # A target item without any train interaction cannot be recommended by any CF method
+        # (popularity, co-occurrence and factors all learn from train only); text still can.
+        train_counts = np.bincount(d.review_item[d.split.train], minlength=len(d.item_ids))
+        self.dataset_stats["targets_no_cf_can_recommend"] = {
+            "valid": int((train_counts[d.valid_targets] == 0).sum()),
+            "test": int((train_counts[d.test_targets] == 0).sum())}
+        self.dataset_stats["items_without_train_reviews"] = int((train_counts == 0).sum())
         self._step("load and split", started)
         return d
 
     # ------------------------------------------------------------------- text
     def encode_texts(self) -> None:
-        """Embed train and validation reviews (never test ones) and item titles."""
+        """Embed train and validation-period reviews (never test ones) and item titles."""
         started = time.perf_counter()
         d = self.data
-        self.encoded_rows = np.sort(np.concatenate([d.split.train, d.split.valid]))
+        self.encoded_rows = np.unique(np.concatenate([d.split.train, d.split.valid_period]))
         self.texts = np.empty(len(d.reviews), dtype=object)
         self.texts[self.encoded_rows] = review_texts(d, self.encoded_rows)
         titles = [d.item_title(i) for i in range(len(d.item_ids))]
-        self.progress(f"encoding {len(self.encoded_rows)} train+validation reviews and {len(titles)} item titles "
+        self.progress(f"encoding {len(self.encoded_rows)} train+validation-period reviews and {len(titles)} item titles "
                       f"({len(self.profiler.cache)} texts already cached)")
         vectors = embed_with_cache(self.encoder, self.profiler.cache, list(self.texts[self.encoded_rows]) + titles,
                                    self.progress)
@@ -315,17 +355,21 @@ class Evaluation:
             seed=self.config.seed)
 
     def build_profiles(self) -> None:
-        """Validation profiles from train history; test profiles add the validation review."""
+        """Validation profiles from train history; test profiles add the validation period
+        (under leave-one-out: the validation review), oldest first in the split's order."""
         started = time.perf_counter()
         d = self.data
         in_train = np.zeros(len(d.reviews), dtype=bool)
         in_train[d.split.train] = True
+        known = in_train.copy()
+        known[d.split.valid_period] = True
         by_user: dict[int, list[int]] = {}
         for r in d.split.chronological:
             by_user.setdefault(int(d.review_user[r]), []).append(int(r))
-        self.valid_history_rows = [np.array([r for r in by_user[u] if in_train[r]]) for u in d.eval_users]
-        valid_row = dict(zip(d.eval_users.tolist(), d.split.valid.tolist()))
-        self.test_history_rows = [np.append(h, valid_row[int(u)]) for h, u in zip(self.valid_history_rows, d.eval_users)]
+        self.valid_history_rows = [np.array([r for r in by_user[int(u)] if in_train[r]], dtype=np.int64)
+                                   for u in d.valid_users]
+        self.test_history_rows = [np.array([r for r in by_user[int(u)] if known[r]], dtype=np.int64)
+                                  for u in d.test_users]
         self.valid_profiles = self.profiles(self.valid_history_rows)
         fallbacks = {"valid": self.profile_fallbacks}
         self.test_profiles = self.profiles(self.test_history_rows)
@@ -373,8 +417,8 @@ class Evaluation:
     def _evaluate_scores(self, model_score: Callable[[sp.csr_matrix, np.ndarray], np.ndarray],
                          phase: str) -> np.ndarray:
         d = self.data
-        history = d.train_matrix if phase == "valid" else d.test_history
-        return exclude_history(model_score(history, d.eval_users), history, d.eval_users)
+        history, users = d.history_matrix(phase), d.users(phase)
+        return exclude_history(model_score(history, users), history, users)
 
     def _targets(self, phase: str) -> np.ndarray:
         return self.data.valid_targets if phase == "valid" else self.data.test_targets
@@ -436,11 +480,11 @@ class Evaluation:
         started = time.perf_counter()
         d = self.data
         self.text_scores: dict[str, dict[str, np.ndarray]] = {}
-        for phase, profiles, history in (("valid", self.valid_profiles, d.train_matrix),
-                                         ("test", self.test_profiles, d.test_history)):
-            dense = exclude_history(profiles @ self.item_vectors.T, history, d.eval_users)
-            persona = index_scores(self.persona_index, profiles, history, d.eval_users)
-            reviews = index_scores(self.review_index, profiles, history, d.eval_users)
+        for phase, profiles in (("valid", self.valid_profiles), ("test", self.test_profiles)):
+            history, users = d.history_matrix(phase), d.users(phase)
+            dense = exclude_history(profiles @ self.item_vectors.T, history, users)
+            persona = index_scores(self.persona_index, profiles, history, users)
+            reviews = index_scores(self.review_index, profiles, history, users)
             for name, scores in (("dense single-vector", dense), ("persona max-sim", persona),
                                  ("review max-sim", reviews)):
                 self.text_scores.setdefault(name, {})[phase] = scores
@@ -485,7 +529,27 @@ class Evaluation:
             ranks_from_scores(fuse(persona["valid"], base["valid"], alpha), d.valid_targets),
             ranks_from_scores(fuse(persona["test"], base["test"], alpha), d.test_targets),
             {"alpha": alpha, "first_stage": self.first_stage, "valid_ndcg@10_by_alpha": curve}))
+        self.choose_fusion()
         self._step("reranking and fusion", started)
+
+    def choose_fusion(self) -> MethodResult:
+        """The deployed configuration: the fused setting (rerank depth or full, each with its
+        own alpha) with the best validation NDCG@10; on a tie the shallower rerank, the
+        cheaper one to serve. Test scores play no part."""
+        fused = [r for r in self.results if r.name == f"fused persona + {self.first_stage}"]
+        depth = {r.setting: (int(r.setting.split("@")[1]) if "@" in r.setting else 10**9) for r in fused}
+        valid = {r.setting: float(ndcg_at(r.valid_ranks, 10).mean()) for r in fused}
+        self.fusion = max(fused, key=lambda r: (round(valid[r.setting], 10), -depth[r.setting]))
+        self.choices["fusion"] = {"setting": self.fusion.setting, "alpha": self.fusion.params["alpha"],
+                                  "first_stage": self.first_stage,
+                                  "valid_ndcg@10_by_setting": {k: round(v, 5) for k, v in valid.items()}}
+        return self.fusion
+
+    @property
+    def fusion_depth(self) -> int | None:
+        """Candidates the chosen fusion reranks (None: the full catalog)."""
+        setting = self.fusion.setting
+        return int(setting.split("@")[1]) if "@" in setting else None
 
     def _choose_alpha(self, make: Callable[[float, str], np.ndarray], lists: bool) -> tuple[float, dict[str, float]]:
         targets = self.data.valid_targets
@@ -511,9 +575,8 @@ class Evaluation:
         ease = self.cf_models["EASE"].weights
         bpr = self.cf_models["BPR"]
         bpr_users = bpr.fold_in(history, d.eval_users)
-        first_n = max(self.config.candidate_sizes)
-        fused_alpha = next(r.params["alpha"] for r in self.results
-                           if r.setting == f"rerank@{first_n}" and r.name.startswith("fused"))
+        first_n = self.fusion_depth or n_items
+        fused_alpha = self.fusion.params["alpha"]
         base_name = self.first_stage
 
         def top10(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -552,13 +615,14 @@ class Evaluation:
             seen = history.indices[history.indptr[d.eval_users[pos]]:history.indptr[d.eval_users[pos] + 1]]
             base = cf_row(base_name, pos, seen)
             base[seen] = -np.inf
-            part = np.argpartition(-base, first_n)[:first_n]
+            part = np.argpartition(-base, first_n - 1)[:first_n]
+            part = part[np.isfinite(base[part])]
             return self.persona_index.rerank(profile(pos), part.tolist(), base_scores=base[part], alpha=fused_alpha)
 
         runs = {"popularity": run_cf("popularity"), "ItemKNN": run_cf("ItemKNN"), "EASE": run_cf("EASE"),
                 "BPR": run_cf("BPR"), "dense single-vector": run_dense,
                 "persona max-sim": run_index(self.persona_index), "review max-sim": run_index(self.review_index),
-                f"fused persona + {base_name} rerank@{first_n}": run_fused}
+                f"fused persona + {base_name} {self.fusion.setting}": run_fused}
         latency = {}
         for name, fn in runs.items():
             for pos in picks[:20]:
@@ -583,8 +647,8 @@ class Evaluation:
         d, c = self.data, self.config
         rng = np.random.default_rng(c.seed + 1)
         chosen = rng.choice(len(d.eval_users), size=min(c.show_users, len(d.eval_users)), replace=False)
-        first_n = max(c.candidate_sizes)
-        fused = next(r for r in self.results if r.setting == f"rerank@{first_n}" and r.name.startswith("fused"))
+        first_n = self.fusion_depth or len(d.item_ids)
+        fused = self.fusion
         base = self.cf_scores[self.first_stage]["test"]
         out = []
         for pos in chosen:
@@ -627,6 +691,10 @@ class Evaluation:
                     _, low, high = bootstrap_ci(values, c.n_bootstrap, seed=c.seed)
                     entry["test"][m]["ci95"] = [round(low, 5), round(high, 5)]
             methods.append(entry)
+        # The headline row first: the fused configuration chosen on validation.
+        headline_key = (self.fusion.name, self.fusion.setting)
+        methods.sort(key=lambda m: (m["method"], m["setting"]) != headline_key)
+        methods[0]["headline"] = True
         users_train = np.diff(d.train_matrix.indptr)[d.eval_users]
         item_pop = np.asarray(d.train_matrix.sum(axis=0)).ravel()
         by_pop = np.lexsort((np.arange(len(item_pop)), -item_pop))
@@ -650,23 +718,34 @@ class Evaluation:
         for n in c.candidate_sizes:
             comparisons.append((f"persona max-sim rerank [rerank@{n}]", f"dense single-vector rerank [rerank@{n}]"))
             comparisons.append((f"fused persona + {self.first_stage} [rerank@{n}]", full_first))
+        headline = f"{self.fusion.name} [{self.fusion.setting}]"
+        comparisons.sort(key=lambda ab: ab != (headline, full_first))  # the headline comparison first
         pvalues = []
         for a, b in comparisons:
             x, y = per_user[a]["NDCG@10"], per_user[b]["NDCG@10"]
             pvalues.append({"a": a, "b": b, "metric": "NDCG@10", "mean_a": round(float(x.mean()), 5),
                             "mean_b": round(float(y.mean()), 5),
                             "p_value": round(paired_bootstrap_pvalue(x, y, seed=c.seed), 5)})
+        # Holm over the whole reported family: with this many comparisons one raw p < 0.05 is expected by chance.
+        for entry, adjusted in zip(pvalues, holm_adjust([p["p_value"] for p in pvalues])):
+            entry["p_holm"] = round(float(adjusted), 5)
         self._step("statistics", started)
         return {
             "version": 1,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()},
             "encoder": getattr(self.encoder, "identity", {"fingerprint": self.encoder.fingerprint}),
             "dataset": self.dataset_stats,
-            "protocol": {"split": d.split.describe(), "tie_break": d.split.tie_break, "seed": d.split.seed,
+            "protocol": {"split": d.split.describe(), "protocol": d.split.protocol,
+                         "tie_break": d.split.tie_break, "seed": d.split.seed,
+                         "valid_users": len(d.valid_users), "test_users": len(d.test_users),
                          "selection": "every choice on validation NDCG@10; test reported once",
+                         "p_values": "paired bootstrap over test users; p_holm: Holm-corrected over the family",
                          "full_ranking": "all items except the user's history",
                          "rerank": "first stage top-N reordered; misses outside the list count as misses"},
             "choices": self.choices,
+            "headline": {"method": self.fusion.name, "setting": self.fusion.setting,
+                         "alpha": self.fusion.params["alpha"], "first_stage": self.first_stage,
+                         "chosen_by": "best validation NDCG@10 among the fused settings"},
             "rerank_ceiling_hr": {str(n): v for n, v in self.ceilings.items()},
             # Every CF method's top-N hit rate: the ceiling it would give as a first stage.
             "candidate_hit_rate": {r.name: {str(n): round(float((r.test_ranks <= n).mean()), 5)

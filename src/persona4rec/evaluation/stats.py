@@ -44,3 +44,21 @@ def paired_bootstrap_pvalue(a: np.ndarray, b: np.ndarray, n_resamples: int = 100
         count += int((np.abs(centred[idx].mean(axis=1)) >= abs(observed) - 1e-15).sum())
         done += m
     return (count + 1) / (n_resamples + 1)
+
+
+def holm_adjust(p_values: "list[float] | np.ndarray") -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values over one family of comparisons (same order as given).
+
+    The i-th smallest p-value is multiplied by ``m - i`` (0-based ``i``), a running maximum
+    keeps the adjusted values monotone, and they are capped at 1. Rejecting where the
+    adjusted value is below alpha controls the family-wise error rate at alpha.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError("holm_adjust takes a 1-D list of p-values")
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = scaled
+    return out
