@@ -2,7 +2,9 @@
 
 Public names: :class:`PersonaIndex` (build, rerank, search, explain, save/load),
 :class:`Encoder` / :func:`load_default_encoder` (ONNX Runtime text encoder),
-:class:`UserProfiler` (recency-weighted user profiles), :func:`simd_info` (which kernel
+:class:`UserProfiler` (recency-weighted user profiles), :class:`Recommender` (history in,
+explained top-k out: profiler + index + optional first stage) and its :class:`Recommendation`,
+:func:`simd_info` (which kernel
 path runs), :func:`quantize`, and the errors.
 """
 
@@ -19,6 +21,7 @@ from persona4rec.index import (
 )
 from persona4rec.kernels import quantize
 from persona4rec.profile import EmptyHistoryError, UserProfiler
+from persona4rec.recommender import Recommendation, Recommender
 
 __version__ = "0.1.0"
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "PersonaIndex",
     "PersonaMatch",
     "PersonaText",
+    "Recommendation",
+    "Recommender",
     "RerankResult",
     "UnknownItemError",
     "__version__",
