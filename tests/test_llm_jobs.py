@@ -81,7 +81,7 @@ def test_schema_failure_twice_is_recorded_as_failed_with_raw_text(tmp_path):
     assert record["raw_text"] == bad
     assert "must not be empty" in record["errors"][0] and "missing required field" in record["error"]
     assert len(s.requests) == 2 and summary.failed == 1
-    assert record["prompt_version"] == "v1/product" and record["model"] == "stub"
+    assert record["prompt_version"] == "v2/product" and record["model"] == "stub"
 
 
 def test_failed_records_are_kept_on_resume_and_redone_only_on_request(tmp_path):

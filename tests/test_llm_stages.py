@@ -144,7 +144,7 @@ def test_validate_reports_the_json_path():
 def test_shipped_domains_and_prompt_versions():
     assert available_domains() == ["book", "product", "restaurant"]
     prompts = load_prompt_set("book")
-    assert prompts.tag == "v1/book" and len(prompts.fingerprint) == 12
+    assert prompts.tag == "v2/book" and len(prompts.fingerprint) == 12
     with pytest.raises(ValueError, match="choose one of"):
         load_prompt_set("cars")
     with pytest.raises(ValueError, match="shipped versions"):
@@ -199,9 +199,10 @@ def test_selection_requests_use_training_reviews_in_time_order():
     reviews = make_reviews()
     requests = selection_requests(reviews, exclude_review_ids={"U1:I2"}, history_size=1)
     by_user = {r["user_id"]: r for r in requests}
-    assert by_user["U0"]["target_item_id"] == "I2" and by_user["U0"]["history"] == [{"item_id": "I1", "rating": 5.0}]
+    assert by_user["U0"]["target_item_id"] == "I2"
+    assert by_user["U0"]["history"] == [{"item_id": "I1", "rating": 5.0, "review_id": "U0:I1"}]
     assert by_user["U1"]["target_item_id"] == "I1"  # its last review is held out
-    assert by_user["U1"]["history"] == [{"item_id": "I0", "rating": 4.0}]
+    assert by_user["U1"]["history"] == [{"item_id": "I0", "rating": 4.0, "review_id": "U1:I0"}]
 
 
 def test_one_review_items_get_exactly_one_persona_in_the_prompt_and_schema():
@@ -234,7 +235,7 @@ class ScriptedModel:
             title = prompt.split("Title: ", 1)[1].split("\n", 1)[0]
             answer = {"summary": f"{title} is a product. It is sold online."}
         elif stage == "personas":
-            n_reviews = prompt.count("\n- review ") + prompt.startswith("- review ")
+            n_reviews = len(re.findall(r"^Review \d+ \(rating", prompt, re.M))
             count = 1 if "exactly 1" in prompt else min(3, max(2, n_reviews))
             answer = {"personas": [{"Name": f"Persona Number {k}", "Description": "One. Two. Three.",
                                     "Preference_Rationale": "Review 1 says so."} for k in range(1, count + 1)]}
@@ -274,19 +275,19 @@ def test_four_stages_on_mi_5core_reviews_respect_the_held_out_split(shared_dir, 
         run_stage(summary_tasks([items[i] for i in chosen_items], prompts), server, summaries_out, "summary",
                   prompts)
         summaries = summaries_from_records(read_jsonl(summaries_out))
-        run_stage(persona_tasks(read_jsonl(aspects_out), prompts, summaries, items, held_out), server,
-                  personas_out, "personas", prompts)
+        run_stage(persona_tasks(read_jsonl(aspects_out), prompts, summaries, items, held_out, reviews=reviews),
+                  server, personas_out, "personas", prompts)
         requests = [q for q in selection_requests(all_reviews, held_out, history_size=5, targets_per_user=100)
                     if q["target_item_id"] in chosen_items]
-        run_stage(selection_tasks(requests, read_jsonl(personas_out), prompts, summaries, items), server,
-                  selection_out, "selection", prompts)
+        run_stage(selection_tasks(requests, read_jsonl(personas_out), prompts, summaries, items,
+                                  aspect_records=read_jsonl(aspects_out)), server, selection_out, "selection", prompts)
         sent = "\n".join(m["content"] for body in server.requests for m in body["messages"])
 
     aspects = read_jsonl(aspects_out)
     expected = {r["review_id"] for r in training if r["text"].strip() or r["title"].strip()}
     assert sorted(a["review_id"] for a in aspects) == sorted(expected)
     assert all(a["status"] == "ok" and re.fullmatch(r"[A-Z0-9]+:[A-Z0-9]+", a["review_id"]) for a in aspects)
-    assert all(a["prompt_version"] == "v1/product" for a in aspects)
+    assert all(a["prompt_version"] == "v2/product" and a["review_ids"] == [a["review_id"]] for a in aspects)
 
     assert {s["item_id"] for s in read_jsonl(summaries_out)} == set(chosen_items)
     assert summaries[chosen_items[0]].startswith(items[chosen_items[0]]["title"])
@@ -304,6 +305,18 @@ def test_four_stages_on_mi_5core_reviews_respect_the_held_out_split(shared_dir, 
     assert len(selections) == len(requests) > 0
     for s in selections:
         assert s["selected_persona_id"] in {p["persona_id"] for p in personas[s["target_item_id"]]["personas"]}
+
+    # the paper's inputs: persona prompts carry each training review's title and text beside its aspects,
+    # and the judge sees what the user's own reviews valued
+    persona_prompts = "\n".join(b["messages"][1]["content"] for b in server.requests
+                                 if b["response_format"]["json_schema"]["name"] == "personas")
+    for r in training:
+        if len(r["text"]) > 40:
+            assert " ".join(r["text"].split())[:40] in persona_prompts
+    assert "Description: " in persona_prompts and "Aspects: category_preference: " in persona_prompts
+    with_aspects = {a["review_id"] for a in aspects}
+    assert ("Their review valued: " in sent) == any(h["review_id"] in with_aspects for q in requests
+                                                     for h in q["history"])
 
     # nothing from a held-out review reached the model
     for r in reviews:
@@ -331,7 +344,7 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     bad = tmp_path / "reviews.jsonl"
     bad.write_text('{"item_id": "x"}\n')
     result = subprocess.run([sys.executable, "-m", "persona4rec.cli", "llm", "aspects", "--reviews", str(bad),
-                             "--out", str(tmp_path / "a.jsonl")], capture_output=True, text=True, timeout=60)
+                             "--out", str(tmp_path / "a.jsonl"), "--allow-heldout"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "reviews.jsonl:1" in result.stderr and "review_id" in result.stderr
 
@@ -353,3 +366,39 @@ def test_selection_after_a_sentence_and_a_fence_parses_without_a_repair():
     assert parse_selection(text, IDS)["selected_index"] == 3
     # prose with a fence-looking fragment but a valid Selection line still parses as prose
     assert parse_selection("The user likes thrillers. ``` Selection: P2", IDS)["selected_index"] == 2
+
+
+def test_the_judge_sees_what_the_users_own_history_reviews_valued():
+    prompts = load_prompt_set("product")
+    reviews = make_reviews()
+    [request] = [q for q in selection_requests(reviews, history_size=2) if q["user_id"] == "U0"]
+    personas = [{"item_id": "I2", "status": "ok", "personas": [
+        {"persona_id": f"I2_P{k}", "Name": f"Name {k}", "Description": "d", "Preference_Rationale": "r"}
+        for k in (1, 2)]}]
+    [task] = selection_tasks([request], personas, prompts, aspect_records=[aspect_record(reviews[0])])
+    prompt = task.messages[1]["content"]
+    assert "Their review valued: quality_criteria: from U0:I0 (said so)" in prompt
+    assert task.meta["review_ids"] == ["U0:I0", "U0:I1", "U0:I2"]  # history shown, then the target
+
+
+def test_persona_count_follows_the_items_reviews_even_when_aspect_calls_failed():
+    # D9: three reviews, two of whose aspect calls failed. Before the fix the item was asked for exactly one
+    # persona (counted from the one successful extraction); the failed reviews' title and text still count.
+    prompts = load_prompt_set("product")
+    reviews = [r for r in make_reviews() if r["item_id"] == "I0"][:3]
+    records = [aspect_record(reviews[0])] + [
+        {**aspect_record(r), "status": "failed", "aspects": None} for r in reviews[1:]]
+    [task] = persona_tasks(records, prompts, reviews=reviews)
+    assert task.schema["properties"]["personas"]["minItems"] == 2
+    assert "between 2 and 3 personas" in task.messages[1]["content"]
+    assert "SECRET-1-0" in task.messages[1]["content"] and "not available (extraction failed)" in task.messages[1]["content"]
+    assert task.meta["review_ids"] == ["U0:I0", "U1:I0", "U2:I0"]
+    assert task.meta["aspect_failed_review_ids"] == ["U1:I0", "U2:I0"]
+
+
+def test_review_texts_are_cut_to_the_token_budget():
+    prompts = load_prompt_set("product")
+    review = {**make_reviews()[0], "text": "word " * 2000}
+    [task] = persona_tasks([aspect_record(review)], prompts, reviews=[review], review_text_tokens=50)
+    text_line = next(ln for ln in task.messages[1]["content"].splitlines() if ln.strip().startswith("Text:"))
+    assert text_line.endswith("[...]") and len(text_line) < 50 * 4 + 20

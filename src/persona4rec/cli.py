@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "persona4rec.llm.cli",
     "persona4rec.train.cli",
     "persona4rec.evaluation.command",
+    "persona4rec.data.command",
 ]
 
 

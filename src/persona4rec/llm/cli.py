@@ -33,14 +33,19 @@ def register(sub: Any) -> None:
 
     p = stages.add_parser("personas", help="2-7 personas per item from its reviews' aspects")
     p.add_argument("--aspects", required=True, help="output of `llm aspects`")
+    p.add_argument("--reviews", help="the reviews JSONL(.gz) the aspects came from: each review's title and text "
+                                     "go into the prompt beside its aspects (the paper's input)")
     p.add_argument("--summaries", help="output of `llm summaries` (context for the personas)")
-    p.add_argument("--items", help="item metadata, for titles")
+    p.add_argument("--items", help="item metadata, for titles and descriptions")
     p.add_argument("--max-reviews-per-item", type=int, default=40, help="most recent reviews used as evidence")
+    p.add_argument("--review-text-tokens", type=int, default=256,
+                   help="each review text is cut to about this many tokens (4 characters each; default 256)")
     _common(p, exclude=True)
 
     p = stages.add_parser("select", help="LLM-as-judge: the persona that explains each user's target item")
     p.add_argument("--reviews", required=True, help="the training reviews (history and targets come from them)")
     p.add_argument("--personas", required=True, help="output of `llm personas`")
+    p.add_argument("--aspects", help="output of `llm aspects`: the judge sees what each history review valued")
     p.add_argument("--summaries", help="output of `llm summaries`")
     p.add_argument("--items", help="item metadata, for titles")
     p.add_argument("--history-size", type=int, default=10)
@@ -52,8 +57,20 @@ def register(sub: Any) -> None:
 def _common(p: argparse.ArgumentParser, exclude: bool = False) -> None:
     p.add_argument("--out", required=True, help="output JSONL; an existing file is resumed, never overwritten")
     if exclude:
-        p.add_argument("--exclude-review-ids", help="file of review ids (one per line) that must not be used, "
-                                                    "e.g. the held-out reviews of a split")
+        g = p.add_argument_group("leakage guard (one of --exclude-review-ids, --split or --allow-heldout is required)")
+        g.add_argument("--exclude-review-ids", metavar="FILE",
+                       help="file of review ids (one per line) that must not be used, e.g. the held-out reviews "
+                            "of a split from `persona4rec data heldout`")
+        g.add_argument("--split", choices=["loo", "temporal"],
+                       help="exclude the held-out reviews of this split of --dataset (as `persona4rec evaluate` "
+                            "splits it)")
+        g.add_argument("--dataset", default="amazon-mi-5core", help="registered dataset of --split (default: %(default)s)")
+        g.add_argument("--data-dir", help="folder holding the dataset files of --split")
+        g.add_argument("--split-tie-break", choices=["random", "file"], default="random",
+                       help="tie-break of --split, as evaluate's --tie-break (default: %(default)s)")
+        g.add_argument("--split-seed", type=int, default=0, help="seed of --split, as evaluate's --seed (default 0)")
+        g.add_argument("--allow-heldout", action="store_true",
+                       help="use every review: for production personas only, never for an evaluated split")
     g = p.add_argument_group("endpoint")
     g.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible base URL incl. /v1")
     g.add_argument("--model", default="gpt-4o-mini")
@@ -101,24 +118,67 @@ def _json_arg(text: str | None, name: str) -> dict[str, Any]:
     return value
 
 
+class LeakageGuardMissing(ValueError):
+    """A stage that reads reviews was started without saying which reviews are held out."""
+
+
+def leakage_guard(args: argparse.Namespace) -> tuple[set[str], str | None]:
+    """(review ids to exclude, a description recorded in every record) from the guard options.
+
+    Refuses to run when none is given: a forgotten exclusion silently leaks the evaluation's
+    held-out reviews into the personas.
+    """
+    if not hasattr(args, "allow_heldout"):
+        return set(), None  # this stage reads no reviews
+    from . import inputs
+
+    chosen = [name for name, given in (("--exclude-review-ids", args.exclude_review_ids), ("--split", args.split),
+                                       ("--allow-heldout", args.allow_heldout)) if given]
+    if not chosen:
+        raise LeakageGuardMissing(
+            "no leakage guard: this stage reads reviews, and held-out reviews must not reach the prompts. Pass "
+            "--exclude-review-ids FILE (write one with `persona4rec data heldout --dataset D --split loo --out "
+            "held_out.txt`), or --split loo|temporal [--dataset D], or --allow-heldout for production personas "
+            "that no evaluation will use")
+    if len(chosen) > 1:
+        raise ValueError(f"give only one of {' / '.join(chosen)}")
+    if args.exclude_review_ids:
+        excluded = inputs.load_review_ids(args.exclude_review_ids)
+        return excluded, f"exclude-review-ids {Path(args.exclude_review_ids).name} ({len(excluded)} ids)"
+    if args.split:
+        from persona4rec.data.heldout import heldout_review_ids
+
+        excluded = heldout_review_ids(args.dataset, args.split, args.split_tie_break, args.split_seed, args.data_dir)
+        return excluded, (f"split {args.split} of {args.dataset}, tie-break {args.split_tie_break}, seed "
+                          f"{args.split_seed} ({len(excluded)} held-out ids)")
+    return set(), "allow-heldout"
+
+
 def _build_tasks(args: argparse.Namespace, prompts: Any) -> list[Any]:
     from . import inputs, stages
     from .jobs import read_jsonl
 
-    excluded = inputs.load_review_ids(args.exclude_review_ids) if getattr(args, "exclude_review_ids", None) else set()
+    excluded, guard = leakage_guard(args)
     items = inputs.load_items(args.items) if getattr(args, "items", None) else {}
     summaries = stages.summaries_from_records(read_jsonl(args.summaries)) if getattr(args, "summaries", None) else {}
     if args.stage == "aspects":
-        return stages.aspect_tasks(inputs.load_reviews(args.reviews), prompts, items, excluded)
-    if args.stage == "summaries":
-        return stages.summary_tasks(items.values(), prompts)
-    if args.stage == "personas":
-        return stages.persona_tasks(read_jsonl(args.aspects), prompts, summaries, items, excluded,
-                                    args.max_reviews_per_item)
-    requests = stages.selection_requests(inputs.load_reviews(args.reviews), excluded, args.history_size,
-                                         args.targets_per_user)
-    return stages.selection_tasks(requests, read_jsonl(args.personas), prompts, summaries, items,
-                                  args.like_threshold)
+        tasks = stages.aspect_tasks(inputs.load_reviews(args.reviews), prompts, items, excluded)
+    elif args.stage == "summaries":
+        tasks = stages.summary_tasks(items.values(), prompts)
+    elif args.stage == "personas":
+        reviews = inputs.load_reviews(args.reviews) if args.reviews else None
+        tasks = stages.persona_tasks(read_jsonl(args.aspects), prompts, summaries, items, excluded,
+                                     args.max_reviews_per_item, reviews, args.review_text_tokens)
+    else:
+        requests = stages.selection_requests(inputs.load_reviews(args.reviews), excluded, args.history_size,
+                                             args.targets_per_user)
+        aspects = read_jsonl(args.aspects) if args.aspects else None
+        tasks = stages.selection_tasks(requests, read_jsonl(args.personas), prompts, summaries, items,
+                                       args.like_threshold, aspects)
+    if guard is not None:
+        for task in tasks:
+            task.meta["leakage_guard"] = guard
+    return tasks
 
 
 def run(args: argparse.Namespace) -> int:

@@ -270,7 +270,7 @@ class JobRunner:
 
     def __init__(self, client: ChatClient, stage: str, prompt_version: str, prompt_fingerprint: str = "",
                  cache_path: Path | None = None, progress: bool = True, deadline_s: float | None = None,
-                 cache_scope: str | None = None, mode: str = "online"):
+                 stage_fingerprint: str | None = None, mode: str = "online"):
         self.client = client
         self.stage = stage
         self.prompt_version = prompt_version
@@ -280,7 +280,8 @@ class JobRunner:
         self.deadline_s = deadline_s  # wall-clock limit of the whole run; None: no limit
         # What besides the request itself keys the cache: the stage's own prompt fingerprint, so that a new
         # prompt version invalidates only the stages whose templates changed (default: the version tag).
-        self.cache_scope = cache_scope or prompt_version
+        self.stage_fingerprint = stage_fingerprint
+        self.cache_scope = f"{stage}:{stage_fingerprint}" if stage_fingerprint else prompt_version
         self.mode = mode
 
     def _key(self, messages: list[dict[str, str]], schema: dict[str, Any] | None) -> str:
@@ -447,6 +448,7 @@ class JobRunner:
             "model": self.client.config.model,
             "prompt_version": self.prompt_version,
             "prompt_fingerprint": self.prompt_fingerprint,
+            **({"stage_prompt_fingerprint": self.stage_fingerprint} if self.stage_fingerprint else {}),
             "record_version": RECORD_VERSION,
             "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                       **({"estimated": True} if usage["estimated"] else {})},

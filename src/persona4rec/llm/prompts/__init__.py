@@ -10,6 +10,15 @@ A prompt set is never edited in place once released: change the wording in a new
 folder and bump :data:`DEFAULT_PROMPT_VERSION`. The version is part of every cache
 key and every output record, and :attr:`PromptSet.fingerprint` (a hash of the
 files) is recorded too, so an accidental in-place edit is still visible.
+
+Cache keys use :meth:`PromptSet.stage_fingerprint` (the stage's two templates and the
+domain's configuration) rather than the version, so a new version invalidates the
+cached answers of the stages whose prompts changed and of no other stage.
+
+Versions: ``v1`` (the first prompts); ``v2`` (the paper's inputs: the persona prompt
+sees the item description and, per review, its title, its text and its aspects, and
+asks for 3-5 word names; the judge sees the user's own review aspects for each history
+item). ``v2`` keeps ``v1``'s aspects and summary prompts word for word.
 """
 
 from __future__ import annotations
@@ -17,12 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-DEFAULT_PROMPT_VERSION = "v1"
+DEFAULT_PROMPT_VERSION = "v2"
 STAGES = ("aspects", "summary", "personas", "selection")
 
 
@@ -35,6 +44,11 @@ class PromptSet:
     config: dict[str, Any]
     templates: dict[str, tuple[string.Template, string.Template]]
     fingerprint: str
+    stage_fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def stage_fingerprint(self, stage: str) -> str:
+        """Hash of what shapes one stage's prompts: its templates and the domain configuration."""
+        return self.stage_fingerprints[stage]
 
     @property
     def tag(self) -> str:
@@ -88,11 +102,16 @@ def load_prompt_set(domain: str, version: str = DEFAULT_PROMPT_VERSION) -> Promp
     folder = resources.files(__name__).joinpath(version)
     digest = hashlib.sha256(folder.joinpath("domains.json").read_bytes())
     templates = {}
+    stage_fingerprints = {}
+    domain_config = json.dumps(domains[domain], sort_keys=True).encode()
     for stage in STAGES:
         pair = []
+        stage_digest = hashlib.sha256(domain_config)
         for role in ("system", "user"):
             raw = folder.joinpath(f"{stage}.{role}.txt").read_text(encoding="utf-8")
             digest.update(raw.encode())
+            stage_digest.update(raw.encode())
             pair.append(string.Template(raw))
         templates[stage] = (pair[0], pair[1])
-    return PromptSet(version, domain, domains[domain], templates, digest.hexdigest()[:12])
+        stage_fingerprints[stage] = stage_digest.hexdigest()[:12]
+    return PromptSet(version, domain, domains[domain], templates, digest.hexdigest()[:12], stage_fingerprints)
