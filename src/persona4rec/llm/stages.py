@@ -40,6 +40,9 @@ MAX_PERSONAS = 7
 # The prompt asks for 2-3 word names; gpt-4o-mini itself writes 4-5 words in about a third of
 # the published sample, so only clearly broken names (sentences) are sent back for repair.
 MAX_NAME_WORDS = 6
+# Per-review text budget in the persona prompt, in tokens at ~4 characters per token (no tokenizer needed):
+# 40 reviews x 256 tokens keeps the prompt near 12k tokens, well inside gpt-4o-mini's 128k context.
+REVIEW_TEXT_TOKENS = 256
 _NULL_WORDS = {"", "null", "none", "n/a", "na", "not mentioned", "unknown"}
 
 
@@ -88,6 +91,7 @@ def aspect_tasks(reviews: Iterable[dict[str, Any]], prompts: PromptSet,
         messages = prompts.render("aspects", item_title=item.get("title") or r["item_id"], rating=f"{r['rating']:g}",
                                   review_title=r["title"], review_text=r["text"], **fixed)
         meta = {k: r[k] for k in ("review_id", "item_id", "user_id", "rating", "timestamp")}
+        meta["review_ids"] = [r["review_id"]]
         tasks.append(Task(r["review_id"], messages, schema, lambda text, f=fields: parse_aspects(text, f), meta))
     return tasks
 
@@ -167,7 +171,7 @@ def parse_personas(text: str, item_id: str, n_reviews: int) -> dict[str, Any]:
     for n, p in enumerate(value["personas"], 1):
         name = " ".join(p["Name"].split())
         if len(name.split()) > MAX_NAME_WORDS:
-            raise SchemaError(f"$.personas[{n - 1}].Name: {name!r} is too long; use 2 to 3 words")
+            raise SchemaError(f"$.personas[{n - 1}].Name: {name!r} is too long; use 3 to 5 words")
         key = _name_key(name)
         if key in seen:
             raise SchemaError(f"$.personas[{n - 1}]: duplicate of persona {seen[key]!r}; merge them or make each "
@@ -179,26 +183,55 @@ def parse_personas(text: str, item_id: str, n_reviews: int) -> dict[str, Any]:
     return {"personas": personas}
 
 
-def _evidence_line(index: int, record: dict[str, Any], fields: list[dict[str, Any]]) -> str:
-    aspects = record.get("aspects") or {}
+def _aspect_text(aspects: dict[str, Any] | None, fields: list[dict[str, Any]]) -> str:
     parts = []
     for f in fields:
-        value = aspects.get(f["name"])
+        value = (aspects or {}).get(f["name"])
         if value is None:
             continue
-        reason = aspects.get(f"{f['name']}_reason")
+        reason = (aspects or {}).get(f"{f['name']}_reason")
         parts.append(f"{f['name']}: {value}" + (f" ({reason})" if reason else ""))
-    body = "; ".join(parts) or "no specific aspects stated"
-    return f"- review {index} (rating {record.get('rating', 0):g}/5): {body}"
+    return "; ".join(parts)
 
 
-def group_aspects_by_item(aspect_records: Iterable[dict[str, Any]],
-                          exclude_review_ids: Collection[str] = ()) -> dict[str, list[dict[str, Any]]]:
-    """Successful aspect records by item id, minus excluded reviews, oldest first."""
+def _evidence_line(index: int, record: dict[str, Any], fields: list[dict[str, Any]]) -> str:
+    """The v1 evidence line: rating and aspects only."""
+    body = _aspect_text(record.get("aspects"), fields) if record.get("status", "ok") == "ok" else ""
+    return f"- review {index} (rating {record.get('rating', 0):g}/5): {body or 'no specific aspects stated'}"
+
+
+def truncate_to_tokens(text: str, tokens: int) -> str:
+    """``text`` cut at a word boundary to about ``tokens`` tokens (4 characters each), marked "[...]"."""
+    text = " ".join(text.split())
+    limit = tokens * 4
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0]
+    return cut + " [...]"
+
+
+def _review_block(index: int, record: dict[str, Any], review: dict[str, Any] | None,
+                  fields: list[dict[str, Any]], text_tokens: int) -> str:
+    """The v2 evidence of one review: rating, title, text (cut to the budget) and its aspects."""
+    lines = [f"Review {index} (rating {record.get('rating', 0):g}/5)"]
+    if review is not None:
+        lines.append(f"  Title: {' '.join(review.get('title', '').split()) or '(none)'}")
+        lines.append(f"  Text: {truncate_to_tokens(review.get('text', ''), text_tokens) or '(none)'}")
+    if record.get("status", "ok") == "ok":
+        lines.append(f"  Aspects: {_aspect_text(record.get('aspects'), fields) or 'none stated'}")
+    else:
+        lines.append("  Aspects: not available (extraction failed)")
+    return "\n".join(lines)
+
+
+def group_aspects_by_item(aspect_records: Iterable[dict[str, Any]], exclude_review_ids: Collection[str] = (),
+                          include_failed: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Aspect records by item id (successful ones; every one with ``include_failed``), minus excluded
+    reviews, oldest first."""
     excluded = set(exclude_review_ids)
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in aspect_records:
-        if rec.get("status") == "ok" and rec["review_id"] not in excluded:
+        if (include_failed or rec.get("status") == "ok") and rec["review_id"] not in excluded:
             grouped[rec["item_id"]].append(rec)
     for recs in grouped.values():
         recs.sort(key=lambda r: (str(r.get("timestamp", "")), r["review_id"]))
@@ -207,11 +240,25 @@ def group_aspects_by_item(aspect_records: Iterable[dict[str, Any]],
 
 def persona_tasks(aspect_records: Iterable[dict[str, Any]], prompts: PromptSet,
                   summaries: dict[str, str] | None = None, items: dict[str, dict[str, Any]] | None = None,
-                  exclude_review_ids: Collection[str] = (), max_reviews_per_item: int = 40) -> list[Task]:
-    """One task per item with at least one usable review; evidence is its most recent ``max_reviews_per_item``."""
+                  exclude_review_ids: Collection[str] = (), max_reviews_per_item: int = 40,
+                  reviews: Iterable[dict[str, Any]] | None = None,
+                  review_text_tokens: int = REVIEW_TEXT_TOKENS) -> list[Task]:
+    """One task per item with at least one review in the aspects file; the evidence is its most recent
+    ``max_reviews_per_item`` reviews: each one's title and text (from ``reviews``, cut to
+    ``review_text_tokens``) and its extracted aspects.
+
+    The persona count follows the item's reviews, not its successful aspect extractions: a review
+    whose aspect call failed still counts (and still shows its title and text when ``reviews`` is
+    given), so a partly failed aspects run does not shrink an item to one persona. Records list
+    every ``review_ids`` that reached the prompt, and ``aspect_failed_review_ids`` when any did so
+    without aspects.
+    """
     fields = aspect_fields(prompts)
+    excluded = set(exclude_review_ids)
+    by_id = {r["review_id"]: r for r in reviews if r["review_id"] not in excluded} if reviews is not None else {}
     tasks = []
-    for item_id, recs in sorted(group_aspects_by_item(aspect_records, exclude_review_ids).items()):
+    grouped = group_aspects_by_item(aspect_records, excluded, include_failed=True)
+    for item_id, recs in sorted(grouped.items()):
         recs = recs[-max_reviews_per_item:]
         low, high = persona_count_range(len(recs))
         # Ask for no more personas than there are reviews to ground them; the schema keeps the 2-7 range.
@@ -219,12 +266,18 @@ def persona_tasks(aspect_records: Iterable[dict[str, Any]], prompts: PromptSet,
         rule = f"exactly {low} persona{'s' * (low > 1)}" if suggested == low else f"between {low} and {suggested} personas"
         item = (items or {}).get(item_id, {})
         evidence = "\n".join(_evidence_line(i, r, fields) for i, r in enumerate(recs, 1))
+        reviews_block = "\n".join(_review_block(i, r, by_id.get(r["review_id"]), fields, review_text_tokens)
+                                  for i, r in enumerate(recs, 1))
         messages = prompts.render("personas", item_title=item.get("title") or item_id,
+                                  item_description=item.get("description") or "",
                                   item_summary=(summaries or {}).get(item_id) or item.get("title") or "",
-                                  evidence=evidence, persona_count_rule=rule)
+                                  evidence=evidence, reviews_block=reviews_block, persona_count_rule=rule)
+        meta: dict[str, Any] = {"item_id": item_id, "review_ids": [r["review_id"] for r in recs]}
+        failed = [r["review_id"] for r in recs if r.get("status", "ok") != "ok"]
+        if failed:
+            meta["aspect_failed_review_ids"] = failed
         tasks.append(Task(item_id, messages, personas_schema(low, high),
-                          lambda text, i=item_id, n=len(recs): parse_personas(text, i, n),
-                          {"item_id": item_id, "review_ids": [r["review_id"] for r in recs]}))
+                          lambda text, i=item_id, n=len(recs): parse_personas(text, i, n), meta))
     return tasks
 
 
@@ -306,14 +359,19 @@ def selection_requests(reviews: Iterable[dict[str, Any]], exclude_review_ids: Co
             history = rs[max(0, t - history_size): t]
             requests.append({"user_id": user_id, "target_item_id": rs[t]["item_id"],
                              "target_review_id": rs[t]["review_id"],
-                             "history": [{"item_id": h["item_id"], "rating": h["rating"]} for h in history]})
+                             "history": [{"item_id": h["item_id"], "rating": h["rating"],
+                                          "review_id": h["review_id"]} for h in history]})
     return requests
 
 
 def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterable[dict[str, Any]],
                     prompts: PromptSet, summaries: dict[str, str] | None = None,
-                    items: dict[str, dict[str, Any]] | None = None, like_threshold: float = 4.0) -> list[Task]:
+                    items: dict[str, dict[str, Any]] | None = None, like_threshold: float = 4.0,
+                    aspect_records: Iterable[dict[str, Any]] | None = None) -> list[Task]:
     """One task per request; history ratings >= ``like_threshold`` count as liked.
+
+    With ``aspect_records`` (the aspects stage's output), each history item shows what the user's
+    own review of it valued, so the judge can tell why they liked or disliked it.
 
     A request whose target item has no valid personas (its persona record failed or is missing)
     becomes a task that is recorded as failed without a call, so the run counts it and exits
@@ -324,11 +382,16 @@ def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterabl
     failed_items = {r["item_id"] for r in persona_records if r.get("status") == "failed"}
     summaries = summaries or {}
     items = items or {}
+    fields = aspect_fields(prompts)
+    own_aspects = {r["review_id"]: r.get("aspects") for r in aspect_records or () if r.get("status") == "ok"}
 
-    def describe(item_id: str, rating: float) -> str:
+    def describe(entry: dict[str, Any]) -> str:
+        item_id, rating = entry["item_id"], entry["rating"]
         title = items.get(item_id, {}).get("title") or item_id
         summary = summaries.get(item_id, "")
-        return f"- {title} ({rating:g}/5)" + (f": {summary}" if summary else "")
+        line = f"- {title} ({rating:g}/5)" + (f": {summary}" if summary else "")
+        valued = _aspect_text(own_aspects.get(entry.get("review_id", "")), fields)
+        return line + (f"\n  Their review valued: {valued}" if valued else "")
 
     tasks = []
     for req in requests:
@@ -342,8 +405,8 @@ def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterabl
                               fail_reason=f"target item {target} has no personas ({why}); rerun the personas "
                                           "stage for it, then this stage with --retry-failed"))
             continue
-        liked = [describe(h["item_id"], h["rating"]) for h in req["history"] if h["rating"] >= like_threshold]
-        disliked = [describe(h["item_id"], h["rating"]) for h in req["history"] if h["rating"] < like_threshold]
+        liked = [describe(h) for h in req["history"] if h["rating"] >= like_threshold]
+        disliked = [describe(h) for h in req["history"] if h["rating"] < like_threshold]
         ids = [p["persona_id"] for p in personas]
         persona_list = "\n".join(f"{p['persona_id']}: {p['Name']}. {p['Description']} {p['Preference_Rationale']}"
                                  for p in personas)
@@ -355,7 +418,9 @@ def selection_tasks(requests: Iterable[dict[str, Any]], persona_records: Iterabl
                                   example_id=ids[0])
         key = f"{req['user_id']}|{target}"
         meta = {"user_id": req["user_id"], "target_item_id": target,
-                "history_item_ids": [h["item_id"] for h in req["history"]]}
+                "history_item_ids": [h["item_id"] for h in req["history"]],
+                "review_ids": [h["review_id"] for h in req["history"] if "review_id" in h]
+                + ([req["target_review_id"]] if "target_review_id" in req else [])}
         # The enum lets grammar-constrained servers (and OpenAI structured outputs) emit only valid ids.
         schema = json.loads(json.dumps(SELECTION_SCHEMA))
         schema["properties"]["selection"]["enum"] = ids
@@ -384,5 +449,6 @@ async def run_tasks(tasks: list[Task], config: ClientConfig, output: str | Path,
     """Run ``tasks`` against the endpoint of ``config``, appending records to ``output``."""
     async with ChatClient(config) as client:
         runner = JobRunner(client, stage, prompts.tag, prompts.fingerprint,
-                           Path(cache_path) if cache_path else None, progress, deadline_s=deadline_s)
+                           Path(cache_path) if cache_path else None, progress, deadline_s=deadline_s,
+                           stage_fingerprint=prompts.stage_fingerprint(stage))
         return await runner.run(tasks, Path(output), retry_failed=retry_failed)
