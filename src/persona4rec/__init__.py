@@ -21,6 +21,7 @@ from persona4rec.index import (
 )
 from persona4rec.kernels import quantize
 from persona4rec.profile import EmptyHistoryError, UserProfiler
+from persona4rec.sharded import ShardedPersonaIndex
 from persona4rec.recommender import Recommendation, Recommender
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "Recommendation",
     "Recommender",
     "RerankResult",
+    "ShardedPersonaIndex",
     "UnknownItemError",
     "__version__",
     "quantize",
