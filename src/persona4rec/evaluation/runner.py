@@ -545,6 +545,22 @@ class Evaluation:
                                   "valid_ndcg@10_by_setting": {k: round(v, 5) for k, v in valid.items()}}
         return self.fusion
 
+    def recommender(self) -> Any:
+        """The chosen configuration as a service would run it: a
+        :class:`persona4rec.Recommender` over the train-only personas (item ids as in the
+        data), the first stage's fitted model as its retriever, alpha and depth as chosen on
+        validation, the adapter if any. Latency and the example users go through it."""
+        from persona4rec.evaluation.baselines import CFRetriever
+        from persona4rec.recommender import Recommender
+
+        if getattr(self, "_recommender", None) is None:
+            index = make_index(self.personas, self.data.item_ids)
+            retriever = CFRetriever(self.cf_models[self.first_stage], self.data.item_ids)
+            self._recommender = Recommender(self.profiler, index, retriever=retriever,
+                                            alpha=self.fusion.params["alpha"], rerank_depth=self.fusion_depth,
+                                            adapter=self.adapter)
+        return self._recommender
+
     @property
     def fusion_depth(self) -> int | None:
         """Candidates the chosen fusion reranks (None: the full catalog)."""
@@ -575,8 +591,6 @@ class Evaluation:
         ease = self.cf_models["EASE"].weights
         bpr = self.cf_models["BPR"]
         bpr_users = bpr.fold_in(history, d.eval_users)
-        first_n = self.fusion_depth or n_items
-        fused_alpha = self.fusion.params["alpha"]
         base_name = self.first_stage
 
         def top10(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -611,18 +625,16 @@ class Evaluation:
                 return index.search(profile(pos), k=10, exclude=seen.tolist())
             return f
 
+        recommender = self.recommender()
+
         def run_fused(pos: int) -> Any:
-            seen = history.indices[history.indptr[d.eval_users[pos]]:history.indptr[d.eval_users[pos] + 1]]
-            base = cf_row(base_name, pos, seen)
-            base[seen] = -np.inf
-            part = np.argpartition(-base, first_n - 1)[:first_n]
-            part = part[np.isfinite(base[part])]
-            return self.persona_index.rerank(profile(pos), part.tolist(), base_scores=base[part], alpha=fused_alpha)
+            # The service path: history records in, explained top-10 out (Recommender.recommend).
+            return recommender.recommend(self.history(self.test_history_rows[pos]), k=10)
 
         runs = {"popularity": run_cf("popularity"), "ItemKNN": run_cf("ItemKNN"), "EASE": run_cf("EASE"),
                 "BPR": run_cf("BPR"), "dense single-vector": run_dense,
                 "persona max-sim": run_index(self.persona_index), "review max-sim": run_index(self.review_index),
-                f"fused persona + {base_name} {self.fusion.setting}": run_fused}
+                f"fused persona + {base_name} {self.fusion.setting} (Recommender.recommend)": run_fused}
         latency = {}
         for name, fn in runs.items():
             for pos in picks[:20]:
@@ -637,37 +649,65 @@ class Evaluation:
         self.latency = latency
         self.latency_note = (f"single thread, {len(picks)} test users, includes profile building (cached review "
                              f"embeddings), scoring, history exclusion and top-10 selection over {n_items} items; "
-                             "BPR user factors are precomputed (fold-in not timed)")
+                             "BPR user factors are precomputed (fold-in not timed) except in the Recommender row, "
+                             "which times the whole service call (first stage incl. any fold-in, rerank, "
+                             "explanations)")
+        self.recommender_agreement = self._recommender_agreement(picks)
         self._step("latency", started)
         return latency
 
     # -------------------------------------------------------------- examples
+    def harness_top(self, pos: int, k: int = 10) -> np.ndarray:
+        """The headline configuration's top-``k`` item positions for test user ``pos``, as
+        the harness scored it (score matrices; what the test metrics were computed from)."""
+        base = self.cf_scores[self.first_stage]["test"][pos:pos + 1]
+        persona = self.text_scores["persona max-sim"]["test"][pos:pos + 1]
+        alpha = self.fusion.params["alpha"]
+        depth = self.fusion_depth
+        if depth is None:
+            return candidate_lists(fuse(persona, base, alpha), k)[0]
+        return fused_rerank(candidate_lists(base, depth), persona, base, alpha)[0, :k]
+
+    def _recommender_agreement(self, picks: np.ndarray) -> dict[str, Any]:
+        """Does the served Recommender give the lists the harness measured? Share of sampled
+        test users with the same top-10 (in order), and the mean top-10 overlap."""
+        d = self.data
+        recommender = self.recommender()
+        position = {item: i for i, item in enumerate(d.item_ids)}
+        same, overlap = 0, []
+        for pos in picks:
+            pos = int(pos)
+            served = [position[i] for i in recommender.recommend(self.history(self.test_history_rows[pos]), k=10).item_ids]
+            measured = [int(i) for i in self.harness_top(pos) if i >= 0]
+            same += served == measured
+            overlap.append(len(set(served) & set(measured)) / max(1, len(measured)))
+        return {"users": len(picks), "same_top10": round(same / max(1, len(picks)), 4),
+                "mean_top10_overlap": round(float(np.mean(overlap)) if overlap else 0.0, 4),
+                "note": "Recommender.recommend vs the harness's score matrices for the headline configuration; "
+                        "a BPR first stage folds a new user in from the mean user when served, so it can differ"}
+
     def examples(self) -> list[dict[str, Any]]:
-        """For a few test users: history, and the fused top-5 with the matched persona."""
+        """For a few test users: history, and the served top-5 (Recommender.recommend, the
+        headline configuration) with each item's matched persona."""
         d, c = self.data, self.config
         rng = np.random.default_rng(c.seed + 1)
         chosen = rng.choice(len(d.eval_users), size=min(c.show_users, len(d.eval_users)), replace=False)
-        first_n = self.fusion_depth or len(d.item_ids)
-        fused = self.fusion
-        base = self.cf_scores[self.first_stage]["test"]
+        recommender = self.recommender()
         out = []
         for pos in chosen:
             pos = int(pos)
-            cands = candidate_lists(base[pos:pos + 1], first_n)[0]
-            cands = cands[cands >= 0]
-            res = self.persona_index.rerank(self.test_profiles[pos], cands.tolist(),
-                                            base_scores=base[pos, cands], alpha=fused.params["alpha"])
-            recs = []
-            for rank, (item, row) in enumerate(zip(res.ids[:5], res.persona_rows[:5]), 1):
-                recs.append({"rank": rank, "item_id": d.item_ids[int(item)], "title": d.item_title(int(item)),
-                             "persona": self.personas.names[int(row)],
-                             "persona_description": self.personas.descriptions[int(row)],
-                             "is_held_out_item": int(item) == int(d.test_targets[pos])})
+            served = recommender.recommend(self.history(self.test_history_rows[pos]), k=5)
+            target = d.item_ids[int(d.test_targets[pos])]
+            recs = [{"rank": rank, "item_id": item, "title": d.item_title(d.item_ids.index(item)),
+                     "persona": name, "persona_id": pid, "persona_description": description, "rationale": why,
+                     "is_held_out_item": item == target}
+                    for rank, (item, pid, name, description, why) in enumerate(
+                        zip(served.item_ids, served.persona_ids, served.persona_names, served.descriptions,
+                            served.rationales), 1)]
             history = [{"item_id": d.item_ids[int(d.review_item[r])], "title": d.item_title(int(d.review_item[r])),
                         "review_title": str(d.reviews.title[r])} for r in self.test_history_rows[pos][-5:]]
             out.append({"user_id": d.user_ids[int(d.eval_users[pos])], "recent_history": history,
-                        "held_out": {"item_id": d.item_ids[int(d.test_targets[pos])],
-                                     "title": d.item_title(int(d.test_targets[pos]))},
+                        "held_out": {"item_id": target, "title": d.item_title(int(d.test_targets[pos]))},
                         "recommendations": recs})
         return out
 
@@ -755,6 +795,7 @@ class Evaluation:
             "p_values": pvalues,
             "scenarios": scenarios,
             "latency": {"per_user": self.latency, "note": self.latency_note},
+            "recommender_agreement": getattr(self, "recommender_agreement", None),
             "personas": {"n_items": self.personas.n_items, "n_personas": self.personas.n_personas,
                          "mean_per_item": round(self.personas.n_personas / self.personas.n_items, 3)},
             "examples": self.examples(),
@@ -777,15 +818,17 @@ class Evaluation:
         return report
 
 
-def make_index(personas: PersonaSet) -> Any:
-    """A :class:`persona4rec.PersonaIndex` over dense item positions, with persona texts."""
+def make_index(personas: PersonaSet, item_ids: Sequence[str] | None = None) -> Any:
+    """A :class:`persona4rec.PersonaIndex` over dense item positions (or ``item_ids``), with
+    persona texts (and rationales where the personas have them)."""
     from persona4rec.index import PersonaIndex
 
+    rationales = getattr(personas, "rationales", None) or [""] * personas.n_personas
     records = [{"persona_id": f"{personas.item_ids[i]}_E{p - personas.offsets[i] + 1}",
-                "name": personas.names[p], "description": personas.descriptions[p]}
+                "name": personas.names[p], "description": personas.descriptions[p], "rationale": rationales[p]}
                for i in range(personas.n_items) for p in personas.personas_of(i)]
-    return PersonaIndex.build(np.arange(personas.n_items, dtype=np.int64), personas.vectors, personas.offsets,
-                              personas=records)
+    ids = np.arange(personas.n_items, dtype=np.int64) if item_ids is None else list(item_ids)
+    return PersonaIndex.build(ids, personas.vectors, personas.offsets, personas=records)
 
 
 def index_scores(index: Any, profiles: np.ndarray, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
