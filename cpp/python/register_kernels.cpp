@@ -85,6 +85,7 @@ uint64_t stream_read_py(const py::object& a_obj) {
   return stream_read(p, n);
 }
 
+template <uint64_t (*Checksum)(const void*, std::size_t, uint64_t)>
 uint64_t checksum_py(const py::object& obj, uint64_t seed) {
   // PyBUF_C_CONTIGUOUS: refuse strided views instead of hashing the wrong bytes.
   Py_buffer view;
@@ -97,10 +98,20 @@ uint64_t checksum_py(const py::object& obj, uint64_t seed) {
   uint64_t out;
   {
     py::gil_scoped_release release;
-    out = checksum64(p, n, seed);
+    out = Checksum(p, n, seed);
   }
   PyBuffer_Release(&view);
   return out;
+}
+
+int64_t find_int8_min_py(const py::object& codes_obj) {
+  py::array codes = py::reinterpret_borrow<py::array>(codes_obj);
+  if (!py::isinstance<py::array_t<int8_t>>(codes) || !(codes.flags() & py::array::c_style))
+    throw py::value_error("codes must be a C-contiguous int8 numpy array");
+  const auto* p = static_cast<const int8_t*>(codes.data());
+  const std::size_t n = std::size_t(codes.size());
+  py::gil_scoped_release release;
+  return find_int8_min(p, n);
 }
 
 }  // namespace
@@ -123,9 +134,16 @@ void register_kernels(py::module_& m) {
   m.def("dot_int8", &dot_int8, py::arg("query"), py::arg("rows"), py::arg("simd") = "",
         "Exact int32 dot products of an int8 query with each int8 row, on the given path "
         "(default: the active one).");
-  m.def("checksum64", &checksum_py, py::arg("buffer"), py::arg("seed") = 0,
-        "64-bit corruption checksum of a contiguous buffer (bytes, memoryview, numpy array); "
-        "any single changed 8-byte word, hence any bit flip, changes it.");
+  m.def("checksum64", &checksum_py<&checksum64>, py::arg("buffer"), py::arg("seed") = 0,
+        "64-bit corruption checksum of a contiguous buffer (bytes, memoryview, numpy array): "
+        "any single changed 8-byte word, hence any bit flip, changes it, and no pattern of "
+        "flips is known to cancel. Index format 2 and later.");
+  m.def("checksum64_v1", &checksum_py<&checksum64_v1>, py::arg("buffer"), py::arg("seed") = 0,
+        "The index format 1 checksum (reads old files only: two flips of the top bit of "
+        "words 64 bytes apart cancel).");
+  m.def("find_int8_min", &find_int8_min_py, py::arg("codes"),
+        "Flat position of the first -128 in an int8 code array, or -1 (codes must lie in "
+        "[-127, 127]).");
   m.def("stream_read", &stream_read_py, py::arg("array"),
         "Read every byte of a C-contiguous array once (a memory-bandwidth floor for "
         "benchmarks); returns a checksum so the read cannot be optimised away.");

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.hpp"
+#include "persona4rec/checksum.hpp"
 #include "persona4rec/cpu.hpp"
 #include "persona4rec/maxsim.hpp"
 #include "persona4rec/quantize.hpp"
@@ -52,6 +53,15 @@ class MaxSimIndex {
       if (!std::isfinite(m_.scales[p]) || m_.scales[p] < 0)
         throw py::value_error("scales[" + std::to_string(p) +
                               "] is negative or not finite: rebuild the codes with quantize()");
+    int64_t bad_code;
+    {
+      py::gil_scoped_release release;
+      bad_code = find_int8_min(m_.codes, m_.n_personas * m_.d);
+    }
+    if (bad_code >= 0)
+      throw py::value_error("codes row " + std::to_string(bad_code / int64_t(m_.d)) +
+                            " holds -128: codes must lie in [-127, 127] (the exact SIMD paths "
+                            "rely on it); build codes with quantize()");
   }
 
   py::tuple score_candidates_py(const py::object& query, const py::object& candidates) {

@@ -1,6 +1,6 @@
-"""The persona index file format (version 1) and its reader/writer.
+"""The persona index file format and its reader/writer.
 
-Layout (little-endian; every byte is covered by a checksum)::
+Layout (little-endian; every byte lies in a checksummed span)::
 
     0   fixed header, 64 bytes
           magic "P4RINDEX" | format version u32 | byte-order marker u32 (native order)
@@ -10,14 +10,21 @@ Layout (little-endian; every byte is covered by a checksum)::
         sections, each starting on a 64-byte boundary, zero padding between them
 
 The JSON header holds the format version, counts (items, personas, dimension), the id
-kind, the encoder identity, and for every section its offset, length, dtype, shape and
-the checksum of its span (its bytes plus the padding after it). The reader checks the
-fixed header, then the file size, then every count against the file size before it
-maps or allocates anything, then the checksums. Writers go through a temp file, fsync
-and an atomic rename. No pickle anywhere.
+kind, the encoder identity, the approximate-search graph's parameters, and for every
+section its offset, length, dtype, shape and the checksum of its span (its bytes plus
+the padding after it).
 
-Checksums are :func:`persona4rec._core.checksum64`: any changed 8-byte word, hence any
-single bit flip, is detected with certainty.
+Format 2 (written now) keeps the approximate-search graph inside the file as sections
+(``ann.*``), so the index and its graph are one atomic unit: a save is one temp file,
+fsync, one rename and a directory fsync, and a reader maps one file once and never
+opens a second one by path. Checksums are :func:`persona4rec._core.checksum64`, which
+has no known cancelling pattern of flips. Format 1 (a ``.hnsw`` file beside the index,
+the older checksum) is still read: its graph file is read once, checked, parsed and
+validated like a format-2 graph.
+
+Every problem with a file is an :class:`IndexFormatError` naming the section and its
+byte offset; nothing else escapes the reader (a missing file is ``FileNotFoundError``).
+No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -25,23 +32,27 @@ from __future__ import annotations
 import json
 import mmap as _mmap
 import os
+import re
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from persona4rec._core import checksum64
+from persona4rec._core import checksum64, checksum64_v1, find_int8_min
 
 MAGIC = b"P4RINDEX"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 _HEADER = struct.Struct("<8sI")  # magic, version; then the marker in native order
 _MARKER = 0x0A0B0C0D
 _FIXED = 64
 _ALIGN = 64
+_MAX_JSON = 1 << 26  # a header beyond 64 MiB is not one this writer produces
+_TEXT_FIELDS = ("persona_id", "name", "description", "rationale")
 
 
 class IndexFormatError(ValueError):
@@ -87,6 +98,7 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+# ------------------------------------------------------------------ atomic writes
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -100,16 +112,68 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+_TEMP_PID = re.compile(r"\.(\d+)\.[^.]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_temp_files(path: Path) -> list[Path]:
+    """Delete temp files of earlier saves of ``path`` whose writing process is gone
+    (a kill during a save leaves one). Temp files of live writers are left alone."""
+    path = Path(path)
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    prefix = _temp_prefix(path)
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        m = _TEMP_PID.search(name[len(prefix) - 1:])
+        # Temp names without a pid come from writers older than this sweep: their
+        # writers used one fixed name per save, so any such file is a leftover.
+        if m is not None and _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(path.parent / name)
+            removed.append(path.parent / name)
+        except OSError:
+            pass
+    return removed
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, rename it over
+    ``path`` and fsync the directory: a kill at any point leaves the old or the new file.
+
+    The temp name carries the writer's pid, so a later save can sweep what a killed
+    writer left behind without touching a live writer's file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -120,6 +184,7 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+# ------------------------------------------------------------------------ writer
 def _sections_of(snapshot) -> list[tuple[str, np.ndarray]]:
     s = snapshot
     removed = s.removed if s.removed is not None else np.zeros(s.n_items, dtype=np.uint8)
@@ -135,12 +200,13 @@ def _sections_of(snapshot) -> list[tuple[str, np.ndarray]]:
 
 
 def save_index(snapshot, path: Path) -> None:
+    """Write a snapshot (and its graph, if any) as one format-2 file, atomically."""
+    path = Path(path)
     sections = [(name, np.ascontiguousarray(a)) for name, a in _sections_of(snapshot)]
     ann_meta = None
     if snapshot.ann is not None:
-        ann_path = path.with_name(path.name + ".hnsw")
-        ann_meta = snapshot.ann.save(ann_path)  # atomic; returns size, checksum, parameters
-        ann_meta["file"] = ann_path.name
+        ann_meta, ann_arrays = snapshot.ann.to_sections()
+        sections += [(f"ann.{name}", np.ascontiguousarray(a)) for name, a in ann_arrays.items()]
 
     meta: dict[str, Any] = {
         "format": "persona4rec-index",
@@ -169,8 +235,7 @@ def save_index(snapshot, path: Path) -> None:
     # Checksums cover each section's span: its bytes and the zero padding after it.
     for i, ((_, a), e) in enumerate(zip(sections, entries)):
         span_end = entries[i + 1]["offset"] if i + 1 < len(entries) else file_size
-        pad = span_end - e["offset"] - e["nbytes"]
-        e["checksum"] = _span_checksum(a, pad)
+        e["checksum"] = _span_checksum(a, span_end - e["offset"] - e["nbytes"])
     js = json.dumps(meta, sort_keys=True).encode("utf-8")
     if len(js) > budget:  # pragma: no cover - the budget leaves room for every number
         raise RuntimeError("index header grew beyond its budget")
@@ -190,6 +255,12 @@ def save_index(snapshot, path: Path) -> None:
             f.write(b"\0" * (span_end - e["offset"] - e["nbytes"]))
 
     atomic_write(path, write)
+    # A format-1 save left its graph beside the index; nothing refers to it any more.
+    stale_graph = path.with_name(path.name + ".hnsw")
+    try:
+        os.unlink(stale_graph)
+    except OSError:
+        pass
 
 
 def _span_checksum(a: np.ndarray, pad: int) -> int:
@@ -198,49 +269,9 @@ def _span_checksum(a: np.ndarray, pad: int) -> int:
     return checksum64(a.tobytes() + b"\0" * pad)
 
 
+# ------------------------------------------------------------------------ reader
 def _fail(path: Path, what: str) -> IndexFormatError:
     return IndexFormatError(f"{path}: {what}")
-
-
-def _read_header(path: Path, buf) -> tuple[dict, int]:
-    size = len(buf)
-    if size < _FIXED:
-        raise _fail(path, f"truncated: {size} bytes, but the fixed header alone needs {_FIXED}")
-    head = bytes(buf[:_FIXED])
-    magic, version = _HEADER.unpack_from(head)
-    if magic != MAGIC:
-        raise _fail(path, "not a persona4rec index file (bad magic bytes)")
-    (stored,) = struct.unpack_from("<Q", head, 56)
-    if checksum64(head[:56]) != stored:
-        raise _fail(path, "the fixed header is corrupted (checksum mismatch)")
-    if version not in SUPPORTED_VERSIONS:
-        newer = version > max(SUPPORTED_VERSIONS)
-        raise _fail(path, f"format version {version} is {'newer than' if newer else 'not among'} the versions "
-                          f"this persona4rec reads {SUPPORTED_VERSIONS}: "
-                          + ("upgrade persona4rec" if newer else "re-save it with the version that wrote it"))
-    (marker,) = struct.unpack_from("=I", head, 12)
-    if marker != _MARKER:
-        raise _fail(path, "written on a machine of the other byte order; rebuild the index on this machine")
-    json_off, json_len, file_size, json_sum, _reserved = struct.unpack_from("<QQQQQ", head, 16)
-    if file_size != size:
-        raise _fail(path, f"truncated or extended: the header says {file_size} bytes, the file has {size}")
-    if json_off != _FIXED or json_len == 0 or json_off + json_len > size:
-        raise _fail(path, "the JSON header lies outside the file")
-    try:
-        js = bytes(buf[json_off:json_off + json_len]).decode("utf-8")
-        meta = json.loads(js)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"the JSON header is corrupted ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("sections"), list) or not meta["sections"]:
-        raise _fail(path, "the JSON header has no section table")
-    first = meta["sections"][0].get("offset") if isinstance(meta["sections"][0], dict) else None
-    if not isinstance(first, int) or first < json_off + json_len or first > size:
-        raise _fail(path, "the first section lies outside the file")
-    if checksum64(memoryview(buf)[json_off:first]) != json_sum:
-        raise _fail(path, "the JSON header is corrupted (checksum mismatch)")
-    if meta.get("format_version") != version:
-        raise _fail(path, "the JSON header's version disagrees with the fixed header")
-    return meta, size
 
 
 def _expect(cond: bool, path: Path, what: str) -> None:
@@ -248,11 +279,152 @@ def _expect(cond: bool, path: Path, what: str) -> None:
         raise _fail(path, what)
 
 
+def _checksum_fn(version: int):
+    return checksum64_v1 if version == 1 else checksum64
+
+
+def _read_header(path: Path, buf) -> tuple[dict, int, int]:
+    size = len(buf)
+    if size < _FIXED:
+        raise _fail(path, f"truncated: {size} bytes, but the fixed header alone needs {_FIXED}")
+    head = bytes(buf[:_FIXED])
+    magic, version = _HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise _fail(path, "not a persona4rec index file (bad magic bytes at offset 0)")
+    if version not in SUPPORTED_VERSIONS:
+        newer = version > max(SUPPORTED_VERSIONS)
+        # A flipped bit in the version field reads as an unknown version: say both.
+        raise _fail(path, f"format version {version} is {'newer than' if newer else 'not among'} the "
+                          f"versions this persona4rec reads {SUPPORTED_VERSIONS}: "
+                          + ("upgrade persona4rec" if newer else "re-save it with the version that wrote it")
+                          + " (or the version field at offset 8 is corrupted)")
+    checksum = _checksum_fn(version)
+    (stored,) = struct.unpack_from("<Q", head, 56)
+    if checksum(head[:56]) != stored:
+        raise _fail(path, "the fixed header (offset 0-63) is corrupted (checksum mismatch)")
+    (marker,) = struct.unpack_from("=I", head, 12)
+    if marker != _MARKER:
+        raise _fail(path, "written on a machine of the other byte order; rebuild the index on this machine")
+    json_off, json_len, file_size, json_sum, _reserved = struct.unpack_from("<QQQQQ", head, 16)
+    if file_size != size:
+        raise _fail(path, f"truncated or extended: the header says {file_size} bytes, the file has {size}")
+    if json_off != _FIXED or json_len == 0 or json_len > _MAX_JSON or json_off + json_len > size:
+        raise _fail(path, f"the JSON header (offset {json_off}, {json_len} bytes) lies outside the file")
+    try:
+        js = bytes(buf[json_off:json_off + json_len]).decode("utf-8")
+        meta = json.loads(js)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"the JSON header at offset {json_off} is corrupted ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sections"), list) or not meta["sections"]:
+        raise _fail(path, f"the JSON header at offset {json_off} has no section table")
+    first = meta["sections"][0].get("offset") if isinstance(meta["sections"][0], dict) else None
+    if not isinstance(first, int) or isinstance(first, bool) or first < json_off + json_len or first > size:
+        raise _fail(path, "the first section lies outside the file")
+    if checksum(memoryview(buf)[json_off:first]) != json_sum:
+        raise _fail(path, f"the JSON header at offset {json_off} is corrupted (checksum mismatch)")
+    if meta.get("format_version") != version:
+        raise _fail(path, "the JSON header's version disagrees with the fixed header")
+    return meta, size, version
+
+
+def _int(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError("not an integer")
+    return x
+
+
+def _sections(path: Path, buf, meta: dict, size: int, version: int, verify: bool) -> dict[str, np.ndarray]:
+    n_items, n_personas, dim = meta.get("n_items"), meta.get("n_personas"), meta.get("dim")
+    _expect(all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (n_items, n_personas, dim))
+            and dim >= 1, path, "the header's counts are missing or negative")
+    expected = {
+        "codes": ("|i1", [n_personas, dim]),
+        "scales": ("<f4", [n_personas]),
+        "offsets": ("<i8", [n_items + 1]),
+        "removed": ("|u1", [n_items]),
+        "ids": ("<i8", [n_items]),
+        "ids.offsets": ("<i8", [n_items + 1]),
+        "ids.data": ("|u1", None),
+    }
+    for f in _TEXT_FIELDS:
+        expected[f"text.{f}.offsets"] = ("<i8", [n_personas + 1])
+        expected[f"text.{f}.data"] = ("|u1", None)
+    checksum = _checksum_fn(version)
+    arrays: dict[str, np.ndarray] = {}
+    entries = meta["sections"]
+    previous_end = 0
+    for i, e in enumerate(entries):
+        _expect(isinstance(e, dict) and isinstance(e.get("name"), str), path, f"section {i} is malformed")
+        name = e["name"]
+        _expect(name not in arrays, path, f"section {name!r} appears twice")
+        try:
+            dtype = np.dtype(str(e["dtype"]))
+            shape = [_int(x) for x in e["shape"]]
+            offset, nbytes, stored = _int(e["offset"]), _int(e["nbytes"]), _int(e["checksum"])
+            next_offset = _int(entries[i + 1]["offset"]) if i + 1 < len(entries) else size
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise _fail(path, f"section {name!r} has a malformed entry") from None
+        where = f"section {name!r} at offset {offset}"
+        _expect(dtype.kind in "iuf" and not dtype.hasobject and dtype.str[0] in "<|", path,
+                f"{where} has an unsupported dtype")
+        _expect(len(shape) in (1, 2) and all(x >= 0 for x in shape), path, f"{where} has a malformed shape")
+        count = 1
+        for x in shape:
+            count *= x
+        _expect(count * dtype.itemsize == nbytes, path, f"{where}: its length does not match its shape")
+        _expect(offset % _ALIGN == 0 and previous_end <= offset and offset + nbytes <= next_offset <= size, path,
+                f"{where} lies outside the file or overlaps another section")
+        previous_end = offset + nbytes
+        if i + 1 == len(entries):
+            _expect(offset + nbytes == size, path, "trailing bytes after the last section")
+        if name in expected:
+            want_dtype, want_shape = expected[name]
+            _expect(dtype.str == want_dtype and (want_shape is None or shape == want_shape)
+                    and (want_shape is not None or len(shape) == 1), path,
+                    f"{where} has dtype {dtype.str} shape {shape}, expected {want_dtype} {want_shape or '[n]'}")
+        if name != "codes" or verify:
+            if checksum(memoryview(buf)[offset:next_offset]) != stored:
+                raise _fail(path, f"{where} is corrupted (checksum mismatch)")
+        arrays[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return arrays
+
+
+def _string_column(path: Path, arrays: dict, prefix: str, n: int) -> StringColumn:
+    data, off = arrays.get(prefix + ".data"), arrays.get(prefix + ".offsets")
+    _expect(data is not None and off is not None, path, f"section {prefix!r} is missing")
+    _expect(len(off) == n + 1 and (n + 1 == 0 or (off[0] == 0 and off[-1] == len(data)))
+            and not np.any(np.diff(off) < 0), path, f"the string offsets of {prefix!r} are inconsistent")
+    # Whole-buffer UTF-8 validity plus no string starting on a continuation byte means
+    # every slice decodes: checked once here instead of failing at query time.
+    try:
+        data.tobytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"section {prefix + '.data'!r} holds invalid UTF-8 at byte {e.start}") from None
+    starts = off[:-1][off[:-1] < len(data)]
+    if len(starts) and np.any((data[starts] & 0xC0) == 0x80):
+        raise _fail(path, f"section {prefix + '.offsets'!r} splits a UTF-8 character")
+    return StringColumn(data, off)
+
+
 def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> dict:
-    """Read and validate an index file; returns its arrays and metadata."""
+    """Read and validate an index file; returns its arrays and metadata.
+
+    Every malformed file raises :class:`IndexFormatError`; ``verify=False`` skips only
+    the checksum of the code payload.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such index file")
+    try:
+        return _load(path, mmap=mmap, verify=verify)
+    except IndexFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError, IndexError, SyntaxError,
+            UnicodeError, struct.error) as e:  # a malformed field the checks above did not name
+        raise _fail(path, f"malformed index file ({type(e).__name__}: {e})") from None
+
+
+def _load(path: Path, *, mmap: bool, verify: bool) -> dict:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -262,87 +434,86 @@ def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> dict:
         else:
             buf = bytearray(size)
             f.readinto(buf)
-    meta, size = _read_header(path, buf)
-
-    n_items, n_personas, dim = meta.get("n_items"), meta.get("n_personas"), meta.get("dim")
-    _expect(all(isinstance(x, int) and x >= 0 for x in (n_items, n_personas, dim)) and dim >= 1, path,
-            "the header's counts are missing or negative")
+    # Everything below reads `buf` only: one version of the file, whatever a concurrent
+    # save renames into place meanwhile.
+    meta, size, version = _read_header(path, buf)
     id_kind = meta.get("id_kind")
     _expect(id_kind in ("str", "int"), path, "the header's id kind is not 'str' or 'int'")
-
-    expected_shapes = {
-        "codes": ("|i1", [n_personas, dim]),
-        "scales": ("<f4", [n_personas]),
-        "offsets": ("<i8", [n_items + 1]),
-        "removed": ("|u1", [n_items]),
-        "ids": ("<i8", [n_items]),
-        "ids.offsets": ("<i8", [n_items + 1]),
-    }
-    arrays: dict[str, np.ndarray] = {}
-    entries = meta["sections"]
-    for i, e in enumerate(entries):
-        _expect(isinstance(e, dict) and isinstance(e.get("name"), str), path, f"section {i} is malformed")
-        name = e["name"]
-        try:
-            dtype = np.dtype(e["dtype"])
-            shape = [int(x) for x in e["shape"]]
-            offset, nbytes, checksum = int(e["offset"]), int(e["nbytes"]), int(e["checksum"])
-        except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"section {name!r} has a malformed entry") from None
-        _expect(dtype.kind in "iuf" and not dtype.hasobject, path, f"section {name!r} has an unsupported dtype")
-        _expect(all(x >= 0 for x in shape) and int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == nbytes, path,
-                f"section {name!r}: its length does not match its shape")
-        span_end = int(entries[i + 1]["offset"]) if i + 1 < len(entries) else size
-        _expect(offset % _ALIGN == 0 and offset + nbytes <= span_end <= size, path,
-                f"section {name!r} lies outside the file or overlaps the next one")
-        if i + 1 == len(entries):
-            _expect(offset + nbytes == size, path, "trailing bytes after the last section")
-        if name in expected_shapes:
-            want_dtype, want_shape = expected_shapes[name]
-            _expect(dtype.str == want_dtype and shape == want_shape, path,
-                    f"section {name!r} has dtype {dtype.str} shape {shape}, expected {want_dtype} {want_shape}")
-        if name != "codes" or verify:
-            if checksum64(memoryview(buf)[offset:span_end]) != checksum:
-                raise _fail(path, f"section {name!r} is corrupted (checksum mismatch)")
-        count = nbytes // dtype.itemsize
-        arrays[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+    arrays = _sections(path, buf, meta, size, version, verify)
+    n_items, n_personas = meta["n_items"], meta["n_personas"]
 
     for need in ("codes", "scales", "offsets", "removed"):
         _expect(need in arrays, path, f"section {need!r} is missing")
     offsets = arrays["offsets"]
-    _expect(n_items + 1 == len(offsets) and offsets[0] == 0 and offsets[-1] == n_personas
-            and not np.any(np.diff(offsets) < 0), path, "the item offsets are inconsistent")
-    _expect(np.all(np.isfinite(arrays["scales"])) and not np.any(arrays["scales"] < 0), path,
-            "the scales section holds invalid values")
-    if verify:
-        _expect(int(arrays["codes"].min(initial=0)) >= -127, path, "a code is -128, outside [-127, 127]")
+    _expect(offsets[0] == 0 and offsets[-1] == n_personas and not np.any(np.diff(offsets) < 0), path,
+            "the item offsets are inconsistent (section 'offsets')")
+    scales = arrays["scales"]
+    _expect(bool(np.all(np.isfinite(scales))) and not np.any(scales < 0), path,
+            "the scales section holds negative or non-finite values")
+    codes = arrays["codes"]
+    bad = find_int8_min(codes)
+    if bad >= 0:
+        dim = codes.shape[1]
+        raise _fail(path, f"section 'codes' holds -128 at row {bad // dim} (codes must lie in [-127, 127])")
+    removed = arrays["removed"]
+    _expect(not np.any(removed > 1), path, "the removed mask holds values other than 0 and 1")
 
-    def column(prefix: str, n: int) -> StringColumn:
-        data, off = arrays.get(prefix + ".data"), arrays.get(prefix + ".offsets")
-        _expect(data is not None and off is not None, path, f"section {prefix!r} is missing")
-        _expect(len(off) == n + 1 and off[0] == 0 and off[-1] == len(data) and not np.any(np.diff(off) < 0), path,
-                f"the string offsets of {prefix!r} are inconsistent")
-        return StringColumn(data, off)
-
-    ids = column("ids", n_items) if id_kind == "str" else arrays.get("ids")
-    _expect(ids is not None, path, "the ids section is missing")
+    if id_kind == "str":
+        ids: Any = _string_column(path, arrays, "ids", n_items)
+    else:
+        ids = arrays.get("ids")
+        _expect(ids is not None, path, "section 'ids' is missing")
+    keys = ids.to_list() if id_kind == "str" else ids.tolist()
+    # Removed items keep their slot; a re-added id is a new item with the same id, and
+    # the newest live one is the one the map points at.
+    live = keys if not removed.any() else [k for k, r in zip(keys, removed.tolist()) if not r]
+    if len(set(live)) != len(live):
+        seen: set = set()
+        dup = next(k for k in live if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _fail(path, f"section 'ids' holds the live item id {dup!r} twice")
     texts = None
     if meta.get("has_texts"):
-        texts = {f: column(f"text.{f}", n_personas) for f in ("persona_id", "name", "description", "rationale")}
-    removed = arrays["removed"]
+        texts = {f: _string_column(path, arrays, f"text.{f}", n_personas) for f in _TEXT_FIELDS}
+
     ann = None
     if meta.get("ann"):
         a = meta["ann"]
-        _expect(isinstance(a, dict) and isinstance(a.get("file"), str), path, "the ANN entry is malformed")
-        ann = dict(a, path=str(path.with_name(a["file"])))
+        _expect(isinstance(a, dict), path, "the ANN entry is malformed")
+        if version == 1:
+            ann = _read_graph_file_v1(path, a)
+        else:
+            ann = {"meta": a, "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("ann.")},
+                   "source": f"{path}: sections 'ann.*'"}
     return {
-        "codes": arrays["codes"],
-        "scales": arrays["scales"],
+        "codes": codes,
+        "scales": scales,
         "offsets": offsets,
         "removed": removed if removed.any() else None,
         "ids": ids,
+        "id_keys": keys,
         "id_kind": id_kind,
         "texts": texts,
         "encoder": meta.get("encoder"),
         "ann": ann,
+        "format_version": version,
     }
+
+
+def _read_graph_file_v1(path: Path, a: dict) -> dict:
+    """A format-1 graph file: read once, checked against the index header, parsed."""
+    from persona4rec._ann import parse_hnswlib_file
+
+    name = a.get("file")
+    _expect(isinstance(name, str) and "/" not in name and name not in ("", ".", ".."), path,
+            "the ANN entry names no graph file")
+    graph_path = path.with_name(name)
+    try:
+        data = graph_path.read_bytes()
+    except FileNotFoundError:
+        raise _fail(graph_path, "the approximate-search graph file is missing") from None
+    if len(data) != a.get("size"):
+        raise _fail(graph_path, f"truncated or extended graph file ({len(data)} bytes, expected {a.get('size')})")
+    if checksum64_v1(data) != a.get("checksum"):
+        raise _fail(graph_path, "the graph file is corrupted (checksum mismatch)")
+    state, arrays = parse_hnswlib_file(data, graph_path)
+    return {"meta": dict(a, hnswlib=state), "arrays": arrays, "source": str(graph_path)}

@@ -102,6 +102,9 @@ class RerankResult:
 
 
 _TEXT_FIELDS = ("persona_id", "name", "description", "rationale")
+# Largest |value| accepted in a user or persona vector: far above any embedding, far below
+# what makes int8 score products (up to 127 * 127 * d times both scales) overflow float32.
+_MAX_ABS = 1e15
 
 
 class _Snapshot:
@@ -112,20 +115,31 @@ class _Snapshot:
         "removed", "n_removed", "ann", "encoder", "dim",
     )
 
-    def __init__(self, codes, scales, offsets, ids, id_kind, id_to_index, texts, removed, ann, encoder):
+    def __init__(self, *, codes, scales, offsets, ids, id_kind, id_to_index, texts=None, removed=None, ann=None,
+                 encoder=None, core=None):
         self.codes = codes
         self.scales = scales
         self.offsets = offsets
-        self.core = MaxSimIndex(codes, scales, offsets)
+        # Validates the arrays once (offsets, scales, codes in [-127, 127]).
+        self.core = core if core is not None else MaxSimIndex(codes, scales, offsets)
         self.ids = ids  # _persist.StringColumn or int64 array, item index -> id
         self.id_kind = id_kind  # "str" | "int"
-        self.id_to_index = id_to_index  # _IdMap, shared and append-only
+        self.id_to_index = id_to_index  # _IdMap of exactly these ids, never changed
         self.texts = texts  # dict field -> StringColumn, or None when derived
         self.removed = removed  # uint8 mask (n_items,) or None
         self.n_removed = 0 if removed is None else int(removed.sum())
         self.ann = ann
         self.encoder = encoder
         self.dim = int(codes.shape[1])
+
+    def replace(self, **changes) -> "_Snapshot":
+        """A new snapshot with some fields changed (the native view is reused when the
+        arrays are the same)."""
+        fields = {f: getattr(self, f) for f in ("codes", "scales", "offsets", "ids", "id_kind", "id_to_index",
+                                                "texts", "removed", "ann", "encoder")}
+        fields.update(changes)
+        same_arrays = all(fields[f] is getattr(self, f) for f in ("codes", "scales", "offsets"))
+        return _Snapshot(**fields, core=self.core if same_arrays else None)
 
     @property
     def n_items(self) -> int:
@@ -138,6 +152,8 @@ class _Snapshot:
         return int(np.searchsorted(self.offsets, row, side="right")) - 1
 
     def persona_text(self, row: int) -> PersonaText:
+        if row < 0:  # an item without personas has no explanation
+            raise ValueError("no persona row: the item has no personas")
         if self.texts is None:
             item = self.item_of_row(row)
             return PersonaText(f"{self.item_id(item)}_P{row - int(self.offsets[item]) + 1}")
@@ -152,28 +168,32 @@ class _Snapshot:
 
 
 class _IdMap:
-    """item id -> dense index, built lazily (loading stays fast) and append-only, so
-    older snapshots stay valid: they ignore indices beyond their own item count.
+    """item id -> dense index for one snapshot. Never changed once a snapshot holds it:
+    a mutation publishes a new snapshot with a new map (copy on write), so a query reads
+    one consistent map whatever another thread is adding. Built lazily (loading stays
+    fast); a load that already decoded the ids hands them over.
 
     Integer ids in a compact range also get a lookup table, so a candidate array maps to
     indices in one vectorised step instead of one dict probe per id.
     """
 
-    def __init__(self, ids, id_kind: str):
+    def __init__(self, ids, id_kind: str, keys: list | None = None):
         self._ids = ids
         self._kind = id_kind
+        self._keys = keys
         self._map: dict | None = None
         self._table: np.ndarray | None = None
         self._table_lo = 0
         self._lock = threading.Lock()
-        self.max_index = len(ids) - 1
 
     def _built(self) -> dict:
         m = self._map
         if m is None:
             with self._lock:
                 if self._map is None:
-                    keys = self._ids.to_list() if self._kind == "str" else self._ids.tolist()
+                    keys = self._keys
+                    if keys is None:
+                        keys = self._ids.to_list() if self._kind == "str" else self._ids.tolist()
                     # Later duplicates win: a re-added id points at its newest index.
                     mapping = {k: i for i, k in enumerate(keys)}
                     if self._kind == "int" and keys:
@@ -182,6 +202,7 @@ class _IdMap:
                             table = np.full(hi - lo + 1, -1, dtype=np.int64)
                             table[np.asarray(keys, dtype=np.int64) - lo] = np.arange(len(keys), dtype=np.int64)
                             self._table, self._table_lo = table, lo
+                    self._keys = None
                     self._map = mapping
                 m = self._map
         return m
@@ -202,21 +223,35 @@ class _IdMap:
         if table is not None and len(ids):
             arr = np.asarray(ids)
             if arr.ndim == 1 and arr.dtype.kind in "iu":
-                pos = arr.astype(np.int64) - self._table_lo
+                if arr.dtype == np.uint64:  # above the int64 range: no such id, never a wrapped one
+                    big = arr > np.uint64(np.iinfo(np.int64).max)
+                    pos = np.where(big, -1, arr.astype(np.int64)) - self._table_lo
+                    pos[big] = -1
+                else:
+                    pos = arr.astype(np.int64) - self._table_lo
                 inside = (pos >= 0) & (pos < len(table))
                 return np.where(inside, table[np.where(inside, pos, 0)], -1)
         return np.fromiter(map(mapping.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
 
-    def add(self, item_id, index: int) -> None:
-        self._built()[item_id] = index
+    def with_added(self, ids, added: list, first_index: int) -> "_IdMap":
+        """A new map over ``ids`` (the extended id column) that also knows ``added``."""
+        out = _IdMap(ids, self._kind)
+        if self._map is None:  # never queried: the new map builds lazily from the column
+            return out
+        mapping = dict(self._map)
         table = self._table
         if table is not None:
-            pos = int(item_id) - self._table_lo
-            if 0 <= pos < len(table):
-                table[pos] = index
-            else:
-                self._table = None  # out of the compact range: fall back to the dict
-        self.max_index = max(self.max_index, index)
+            table = table.copy()
+        for j, item_id in enumerate(added):
+            mapping[item_id] = first_index + j
+            if table is not None:
+                pos = int(item_id) - self._table_lo
+                if 0 <= pos < len(table):
+                    table[pos] = first_index + j
+                else:
+                    table = None  # out of the compact range: fall back to the dict
+        out._map, out._table, out._table_lo = mapping, table, self._table_lo
+        return out
 
 
 def _identity_dict(encoder: Any) -> dict | None:
@@ -261,6 +296,10 @@ def _as_vectors(vectors, normalize: bool) -> np.ndarray:
     if not np.all(np.isfinite(v)):
         bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
         raise ValueError(f"vectors row {bad} contains NaN or infinity")
+    if v.size and float(np.max(np.abs(v))) > _MAX_ABS:
+        bad = int(np.flatnonzero(np.abs(v).max(axis=1) > _MAX_ABS)[0])
+        raise ValueError(f"vectors row {bad} holds values above {_MAX_ABS:.0e}: scores would overflow float32; "
+                         "L2-normalise the vectors (normalize=True)")
     if normalize:
         norms = np.linalg.norm(v, axis=1, keepdims=True)
         if np.any(norms == 0):
@@ -350,8 +389,8 @@ class PersonaIndex:
         codes, scales = quantize(v)
         id_col = _persist.StringColumn.from_list(ids) if kind == "str" else ids
         text_cols = None if texts is None else {f: _persist.StringColumn.from_list(texts[f]) for f in _TEXT_FIELDS}
-        snap = _Snapshot(codes, scales, off, id_col, kind, _IdMap(id_col, kind), text_cols, None, None,
-                         _identity_dict(encoder))
+        snap = _Snapshot(codes=codes, scales=scales, offsets=off, ids=id_col, id_kind=kind,
+                         id_to_index=_IdMap(id_col, kind), texts=text_cols, encoder=_identity_dict(encoder))
         return cls(snap)
 
     # ------------------------------------------------------------ properties
@@ -423,23 +462,38 @@ class PersonaIndex:
             raise EncoderMismatchError(
                 f"user vector dimension {q.shape[-1]} does not match the index dimension {snap.dim}: "
                 "encode users with the encoder that embedded the personas")
+        if q.size:
+            peak = float(np.max(np.abs(q)))
+            if not np.isfinite(peak):
+                raise ValueError("user vectors contain NaN or infinity: check the profile that produced them")
+            if peak > _MAX_ABS:
+                raise ValueError(f"user vectors hold values up to {peak:.3g}, above {_MAX_ABS:.0e}: scores would "
+                                 "overflow float32; L2-normalise the user vectors")
         return snap, np.ascontiguousarray(q), single
 
-    def _indices(self, snap: _Snapshot, ids: Sequence, unknown: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def _indices(self, snap: _Snapshot, ids: Sequence, unknown: str, what: str,
+                 need_personas: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Dense indices of the given ids, and the positions (in ``ids``) they came from
         (None when every id is known, the common case, to keep rerank cheap)."""
         if unknown not in ("error", "skip"):
             raise ValueError("unknown must be 'error' or 'skip'")
-        id_map = snap.id_to_index
-        idx = id_map.lookup_many(ids)
-        if id_map.max_index >= snap.n_items:  # ids added after this snapshot are unknown to it
-            idx[idx >= snap.n_items] = -1
+        idx = snap.id_to_index.lookup_many(ids)
         if snap.removed is not None and len(idx):
             idx[(idx >= 0) & (snap.removed[np.maximum(idx, 0)] != 0)] = -1
         keep = idx >= 0
+        no_personas = None
+        if need_personas and len(idx):
+            sizes = np.diff(snap.offsets)
+            no_personas = keep & (sizes[np.maximum(idx, 0)] == 0)
+            keep &= ~no_personas
         if keep.all():
             return idx, None
         if unknown == "error":
+            if no_personas is not None and no_personas.any():
+                bad = [ids[i] for i in np.flatnonzero(no_personas)[:5]]
+                raise UnknownItemError(
+                    f"{int(no_personas.sum())} {what} have no personas, so they cannot be scored, e.g. {bad!r}: "
+                    "give them personas (add_items), or pass unknown='skip' to drop them")
             bad = [ids[i] for i in np.flatnonzero(~keep)[:5]]
             raise UnknownItemError(
                 f"{int((~keep).sum())} {what} not in the index (or removed), e.g. {bad!r}: "
@@ -470,14 +524,18 @@ class PersonaIndex:
         snap, q, single = self._query(user_vec, encoder)
         if not single:
             raise ValueError("rerank takes one user vector (1-D); loop or use search() for batches")
+        if isinstance(candidate_ids, (str, bytes)):
+            raise TypeError("candidate_ids must be a list of item ids, not a string: "
+                            f"write rerank(user_vec, [{candidate_ids!r}])")
         cand = candidate_ids if isinstance(candidate_ids, (list, tuple, np.ndarray)) else list(candidate_ids)
         if base_scores is None and snap.id_to_index.needs_dict_lookup and unknown in ("error", "skip"):
             # Hot path for string ids: lookup, scoring and sorting in one native call.
             ids, scores, rows, n_unknown = snap.core.rerank_by_id(
                 q, cand, snap.id_to_index.mapping(), snap.n_items, snap.removed)
-            if n_unknown == 0 or unknown == "skip":
+            # A row of -1 is a candidate without personas: the general path names it.
+            if (n_unknown == 0 or unknown == "skip") and (len(rows) == 0 or rows.min() >= 0):
                 return RerankResult(ids, scores, scores, rows, self, snap)
-        idx, pos = self._indices(snap, cand, unknown, "candidate ids")
+        idx, pos = self._indices(snap, cand, unknown, "candidate ids", need_personas=True)
         persona_scores, rows = snap.core.score_candidates(q, idx)
         fused = persona_scores
         if base_scores is not None:
@@ -504,8 +562,14 @@ class PersonaIndex:
     def _lists(self, snap, lists, n_queries, single, unknown, what):
         if lists is None:
             return None
+        if isinstance(lists, (str, bytes)):
+            raise TypeError(f"{what} must be a list of item ids{'' if single else ' per user'}, not a string: "
+                            f"write {what}=[{lists!r}]" if single else f"write {what}=[[{lists!r}]]")
         if single:
             lists = [lists]
+        elif any(isinstance(lst, (str, bytes)) for lst in lists):
+            raise TypeError(f"{what} for a batch must hold one list of item ids per user, not strings: "
+                            f"write [[id, ...], ...]")
         if len(lists) != n_queries:
             raise ValueError(f"{what} must have one list per user ({n_queries}), got {len(lists)}")
         out = []
@@ -636,15 +700,12 @@ class PersonaIndex:
             removed = None
             if snap.removed is not None:
                 removed = np.concatenate([snap.removed, np.zeros(len(id_list), dtype=np.uint8)])
-            id_map = snap.id_to_index
-            id_map._ids = new_ids
-            for j, x in enumerate(id_list):
-                id_map.add(x, n_old_items + j)
+            id_map = snap.id_to_index.with_added(new_ids, id_list, n_old_items)
             ann = snap.ann
             if ann is not None:
                 ann = ann.with_added(codes, scales, n_old_rows)
-            self._snap = _Snapshot(new_codes, new_scales, new_offsets, new_ids, snap.id_kind, id_map, texts,
-                                   removed, ann, snap.encoder)
+            self._snap = snap.replace(codes=new_codes, scales=new_scales, offsets=new_offsets, ids=new_ids,
+                                      id_to_index=id_map, texts=texts, removed=removed, ann=ann)
         finally:
             self._mutation_lock.release()
 
@@ -653,15 +714,18 @@ class PersonaIndex:
 
         The space is reclaimed by :meth:`compact`. ``missing='ignore'`` skips unknown ids.
         """
+        if missing not in ("error", "ignore"):
+            raise ValueError(f"missing must be 'error' or 'ignore', got {missing!r}")
+        if isinstance(item_ids, (str, bytes)):
+            raise TypeError(f"item_ids must be a list of item ids, not a string: write remove_items([{item_ids!r}])")
         self._acquire(blocking)
         try:
             snap = self._snap
-            ids = list(item_ids)
+            ids = list(dict.fromkeys(item_ids))  # a repeated id is removed (and counted) once
             idx, _ = self._indices(snap, ids, "error" if missing == "error" else "skip", "ids to remove")
             removed = np.zeros(snap.n_items, dtype=np.uint8) if snap.removed is None else snap.removed.copy()
             removed[idx] = 1
-            self._snap = _Snapshot(snap.codes, snap.scales, snap.offsets, snap.ids, snap.id_kind,
-                                   snap.id_to_index, snap.texts, removed, snap.ann, snap.encoder)
+            self._snap = snap.replace(removed=removed)
             return len(idx)
         finally:
             self._mutation_lock.release()
@@ -689,8 +753,8 @@ class PersonaIndex:
             if snap.texts is not None:
                 texts = {f: _persist.StringColumn.from_list([snap.texts[f][int(r)] for r in rows]) for f in _TEXT_FIELDS}
             ann = snap.ann.rebuilt(codes, scales) if snap.ann is not None else None
-            self._snap = _Snapshot(codes, scales, offsets, ids, snap.id_kind, _IdMap(ids, snap.id_kind), texts,
-                                   None, ann, snap.encoder)
+            self._snap = snap.replace(codes=codes, scales=scales, offsets=offsets, ids=ids,
+                                      id_to_index=_IdMap(ids, snap.id_kind), texts=texts, removed=None, ann=ann)
         finally:
             self._mutation_lock.release()
 
@@ -705,8 +769,7 @@ class PersonaIndex:
             snap = self._snap
             graph = PersonaGraph.build(snap.codes, snap.scales, M=M, ef_construction=ef_construction, ef=ef,
                                        seed=seed, n_threads=n_threads)
-            self._snap = _Snapshot(snap.codes, snap.scales, snap.offsets, snap.ids, snap.id_kind,
-                                   snap.id_to_index, snap.texts, snap.removed, graph, snap.encoder)
+            self._snap = snap.replace(ann=graph)
         finally:
             self._mutation_lock.release()
 
@@ -734,7 +797,9 @@ class PersonaIndex:
         rows_out = np.full((len(q2), k), -1, dtype=np.int64)
         for u in range(len(q2)):
             r = rows[u]
-            r = r[r >= 0]
+            # The graph is shared with newer snapshots (hnswlib inserts in place): rows
+            # beyond this snapshot belong to items it does not hold.
+            r = r[(r >= 0) & (r < snap.codes.shape[0])]
             cand = np.unique(np.searchsorted(snap.offsets, r, side="right") - 1)
             if snap.removed is not None:
                 cand = cand[snap.removed[cand] == 0]
@@ -776,13 +841,21 @@ class PersonaIndex:
         Raises :class:`persona4rec.IndexFormatError` (a ``ValueError``) naming the problem for
         a truncated, corrupted or version-mismatched file.
         """
-        parts = _persist.load_index(Path(path), mmap=mmap, verify=verify)
+        path = Path(path)
+        parts = _persist.load_index(path, mmap=mmap, verify=verify)
+        try:
+            core = MaxSimIndex(parts["codes"], parts["scales"], parts["offsets"])
+        except ValueError as e:  # the loader checks the same facts; kept as a backstop
+            raise _persist.IndexFormatError(f"{path}: {e}") from None
         ann = None
         if parts["ann"] is not None:
             from persona4rec._ann import PersonaGraph
 
-            ann = PersonaGraph.load(parts["ann"], parts["codes"], parts["scales"])
+            ann = PersonaGraph.from_sections(parts["ann"]["meta"], parts["ann"]["arrays"], parts["codes"],
+                                             parts["scales"], source=parts["ann"]["source"])
         ids = parts["ids"]
-        snap = _Snapshot(parts["codes"], parts["scales"], parts["offsets"], ids, parts["id_kind"],
-                         _IdMap(ids, parts["id_kind"]), parts["texts"], parts["removed"], ann, parts["encoder"])
+        snap = _Snapshot(codes=parts["codes"], scales=parts["scales"], offsets=parts["offsets"], ids=ids,
+                         id_kind=parts["id_kind"], id_to_index=_IdMap(ids, parts["id_kind"], keys=parts["id_keys"]),
+                         texts=parts["texts"], removed=parts["removed"], ann=ann, encoder=parts["encoder"],
+                         core=core)
         return cls(snap)
