@@ -63,8 +63,9 @@ def trained_like(persona_side: bool, seed: int = 1) -> Adapter:
 
 def prepared(adapter_file: str | None = None, persona_file: str | None = None) -> Evaluation:
     """The harness up to the indexes (item side, profiles, persona indexes)."""
-    ev = Evaluation(EvaluationConfig(adapter_file=adapter_file, persona_file=persona_file, **FAST), HashEncoder(),
-                    cache=False)
+    # The persona files here carry no review_ids (provenance is tested in test_eval_provenance.py).
+    ev = Evaluation(EvaluationConfig(adapter_file=adapter_file, persona_file=persona_file, trust_personas=True,
+                                     **FAST), HashEncoder(), cache=False)
     ev.load(synthetic_reviews(), None)
     ev.encode_texts()
     ev.build_item_side()

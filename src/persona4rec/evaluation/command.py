@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--personas", default=None, metavar="FILE",
                    help="LLM personas (3_personas.jsonl[.gz] rows) to use instead of extractive ones; "
                         "items the file lacks keep extractive personas")
+    p.add_argument("--trust-personas", action="store_true",
+                   help="accept a --personas file whose rows do not list the review_ids they were written from "
+                        "(rows that name a held-out review are refused regardless)")
     p.add_argument("--adapter", default=None, metavar="FILE",
                    help="a trained user-persona adapter (.npz from `persona4rec train-adapter`): user profiles go through "
                         "it, and personas and item vectors through its persona-side map when it has one")
@@ -52,6 +55,7 @@ def default_out(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from persona4rec.encoder import load_default_encoder
+    from persona4rec.evaluation.provenance import PersonaProvenanceError
     from persona4rec.evaluation.report import markdown_table, write_report
     from persona4rec.evaluation.runner import AdapterFileError, Evaluation, EvaluationConfig, load_adapter
 
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                               valid_share=args.valid_share, test_share=args.test_share,
                               tie_break=args.tie_break, seed=args.seed,
                               max_personas=args.max_personas, reviews_per_persona=args.reviews_per_persona,
-                              persona_file=args.personas, adapter_file=args.adapter)
+                              persona_file=args.personas, trust_personas=args.trust_personas,
+                              adapter_file=args.adapter)
     try:
         if args.adapter:  # a bad file fails before the encoder loads; its dimension is checked after
             say(f"adapter: {load_adapter(args.adapter)!r} from {args.adapter}")
@@ -74,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         evaluation = Evaluation(config, encoder, progress=say, cache=args.embedding_cache)
     except AdapterFileError as exc:
         raise SystemExit(f"persona4rec evaluate: --adapter: {exc}") from None
-    report = evaluation.run()
+    try:
+        report = evaluation.run()
+    except PersonaProvenanceError as exc:
+        raise SystemExit(f"persona4rec evaluate: --personas: {exc}") from None
     report["timings_s"]["wall_including_encoder_load"] = round(time.perf_counter() - started, 1)
     out = args.out or default_out(args)
     paths = write_report(report, out, plots=not args.no_plots)

@@ -103,6 +103,7 @@ class EvaluationConfig:
     bpr_max_epochs: int = BPR_MAX_EPOCHS
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     persona_file: str | None = None
+    trust_personas: bool = False  # accept a persona file whose rows do not list their review_ids
     adapter_file: str | None = None  # a trained persona4rec.train.adapter .npz; None: no adapter
 
 
@@ -329,7 +330,15 @@ class Evaluation:
                                               self.title_vectors)
         self.personas = self._personas(train, c.max_personas, c.reviews_per_persona)
         if c.persona_file:
+            from persona4rec.data.heldout import review_ids
+            from persona4rec.evaluation.provenance import check_persona_provenance
             from persona4rec.personas import load_persona_file, personas_from_file
+
+            in_train = np.zeros(len(d.reviews), dtype=bool)
+            in_train[train] = True
+            self.choices["persona_provenance"] = check_persona_provenance(
+                c.persona_file, review_ids(d.reviews, np.flatnonzero(~in_train)), trust=c.trust_personas,
+                split_name=d.split.describe())
 
             self.personas = personas_from_file(
                 d.item_ids, load_persona_file(c.persona_file),
