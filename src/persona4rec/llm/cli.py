@@ -95,6 +95,13 @@ def _common(p: argparse.ArgumentParser, exclude: bool = False) -> None:
     g.add_argument("--dry-run", nargs="?", const=2, type=int, metavar="N",
                    help="print the first N rendered prompts (default 2) and the number of calls; send nothing")
     g.add_argument("--retry-failed", action="store_true", help="redo tasks recorded as failed")
+    g.add_argument("--mode", choices=["online", "batch"], default="online",
+                   help="online: chat completions as they go; batch: the OpenAI Batch API (half price, up to 24 h; "
+                        "state in <out>.batch.json, a rerun resumes the batch in flight)")
+    g.add_argument("--batch-poll", type=float, default=10.0, metavar="SECONDS",
+                   help="first wait between batch status polls; grows 1.5x per poll (default 10)")
+    g.add_argument("--batch-poll-max", type=float, default=300.0, metavar="SECONDS",
+                   help="longest wait between batch status polls (default 300)")
     g.add_argument("--deadline", type=float, metavar="SECONDS",
                    help="wall-clock limit of the whole run: stop then, cancel the calls in flight and exit 1 "
                         "(a rerun resumes)")
@@ -211,7 +218,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = asyncio.run(run_tasks(tasks, config, out, stage, prompts, cache, progress=not args.no_progress,
-                                        retry_failed=args.retry_failed, deadline_s=args.deadline))
+                                        retry_failed=args.retry_failed, deadline_s=args.deadline,
+                                        mode=args.mode, batch_options={"poll_initial_s": args.batch_poll,
+                                                                       "poll_max_s": args.batch_poll_max}))
     except FatalLLMError as exc:
         print(f"llm {args.stage}: stopped: {exc}", file=sys.stderr)
         stopped = getattr(exc, "summary", None)

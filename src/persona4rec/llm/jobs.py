@@ -377,7 +377,9 @@ class JobRunner:
         return summary
 
     def _workers(self, pending: int) -> int:
-        return min(self.client.config.concurrency, pending)
+        # Batch mode: every task is in flight at once (its calls wait for the next batch), so that one
+        # batch carries every first turn and the next one every repair turn.
+        return pending if self.mode == "batch" else min(self.client.config.concurrency, pending)
 
     async def _call(self, messages: list[dict[str, str]], schema: dict[str, Any] | None, cache: ResponseCache,
                     usage: dict[str, Any], summary: RunSummary) -> str:

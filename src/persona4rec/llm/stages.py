@@ -445,8 +445,26 @@ def summaries_from_records(records: Iterable[dict[str, Any]]) -> dict[str, str]:
 
 async def run_tasks(tasks: list[Task], config: ClientConfig, output: str | Path, stage: str, prompts: PromptSet,
                     cache_path: str | Path | None = None, progress: bool = False,
-                    retry_failed: bool = False, deadline_s: float | None = None) -> RunSummary:
-    """Run ``tasks`` against the endpoint of ``config``, appending records to ``output``."""
+                    retry_failed: bool = False, deadline_s: float | None = None, mode: str = "online",
+                    batch_options: dict[str, Any] | None = None) -> RunSummary:
+    """Run ``tasks`` against the endpoint of ``config``, appending records to ``output``.
+
+    ``mode="batch"`` sends the calls through the OpenAI Batch API (:mod:`.batch`), keeping its
+    state next to the output (``<output>.batch.json``) so that a rerun resumes the batch in flight;
+    ``batch_options`` go to :class:`~persona4rec.llm.batch.BatchClient` (``poll_initial_s``, ...).
+    """
+    if mode not in ("online", "batch"):
+        raise ValueError(f"mode must be 'online' or 'batch', got {mode!r}")
+    if mode == "batch":
+        from .batch import BatchClient
+
+        output = Path(output)
+        async with BatchClient(config, output.with_name(output.name + ".batch.json"),
+                               **(batch_options or {})) as batch_client:
+            runner = JobRunner(batch_client, stage, prompts.tag, prompts.fingerprint,  # type: ignore[arg-type]
+                               Path(cache_path) if cache_path else None, progress, deadline_s=deadline_s,
+                               stage_fingerprint=prompts.stage_fingerprint(stage), mode="batch")
+            return await runner.run(tasks, output, retry_failed=retry_failed)
     async with ChatClient(config) as client:
         runner = JobRunner(client, stage, prompts.tag, prompts.fingerprint,
                            Path(cache_path) if cache_path else None, progress, deadline_s=deadline_s,
