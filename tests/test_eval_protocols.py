@@ -11,14 +11,17 @@ from persona4rec.evaluation.stats import holm_adjust
 from test_eval_pipeline import FAST, HashEncoder
 
 
-def spread_reviews(seed: int = 0, users: int = 60, items: int = 20, per_user: int = 7) -> ReviewTable:
-    """Synthetic reviews with many distinct times, so global time cuts have something to cut."""
+def spread_reviews(seed: int = 0, users: int = 60, items: int = 20, per_user: int = 7,
+                   skew: bool = False) -> ReviewTable:
+    """Synthetic reviews with many distinct times, so global time cuts have something to cut
+    (``skew``: a long tail of items with few reviews, hence few personas)."""
     rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) if skew else np.ones(items)
     words = ["bright", "warm", "cheap", "sturdy", "loud", "quiet", "smooth", "heavy", "light", "crisp"]
     rows = []
     for u in range(users):
         start = rng.uniform(0, 50)
-        for k, i in enumerate(rng.choice(items, size=per_user, replace=False)):
+        for k, i in enumerate(rng.choice(items, size=per_user, replace=False, p=weights / weights.sum())):
             text = " ".join(rng.choice(words, size=6)) + f" u{u} i{i}"
             rows.append((f"U{u}", f"I{i}", float(rng.integers(1, 6)), round(start + 8.0 * k, 1),
                          f"title u{u} i{i}", text))
@@ -93,3 +96,24 @@ def test_temporal_protocol_item_side_users_and_counts() -> None:
     assert counts["test"] == sum(int(t) not in train_items for t in d.test_targets)
     assert report["protocol"]["valid_users"] == len(split.valid)
     assert report["protocol"]["test_users"] == len(split.test)
+
+
+def test_calibrated_persona_scores_do_not_grow_with_persona_count() -> None:
+    report, evaluation = run("loo", spread_reviews(3, users=80, items=60, per_user=6, skew=True))
+    ps = evaluation.personas
+    counts = np.diff(ps.offsets)
+    assert len(set(counts.tolist())) > 1  # items with different persona counts compete
+    excess = {int(c): v for c, v in report["by_persona_count"]["max_sim_excess_over_single_vector_by_count"].items()}
+    # Raw max-sim exceeds the single vector by more as the count grows (a max of more cosines) ...
+    assert excess[max(excess)] > excess[min(excess)]
+    # ... and the per-count offset removes exactly that on the data it was measured on.
+    offset = np.array([excess[int(c)] for c in counts])
+    raw = np.maximum.reduceat(evaluation.valid_profiles @ ps.vectors.T, ps.offsets[:-1], axis=1)
+    calibrated_excess = raw - offset[None, :] - evaluation.valid_profiles @ evaluation.item_vectors.T
+    for c in set(counts.tolist()):
+        assert abs(calibrated_excess[:, counts == c].mean()) < 1e-5
+    soft = next(m for m in report["methods"] if m["method"] == "persona soft-max")
+    curve = soft["params"]["valid_ndcg@10_by_temperature"]
+    assert soft["valid"]["NDCG@10"] == pytest.approx(max(curve.values()), abs=1e-5)
+    groups = report["by_persona_count"]["by_target_persona_count"]
+    assert sum(g["users"] for g in groups.values()) == len(evaluation.data.test_targets)

@@ -91,6 +91,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     out.append("|---|" + "---|" * len(groups))
     for key in report["scenarios"][groups[0]]["ndcg@10"]:
         out.append(f"| {key} | " + " | ".join(f"{report['scenarios'][g]['ndcg@10'][key]:.4f}" for g in groups) + " |")
+    by_count = report.get("by_persona_count")
+    if by_count:
+        names = list(next(iter(by_count["by_target_persona_count"].values()))["ndcg@10"])
+        out += ["", "## By the target item's persona count (test NDCG@10)", "",
+                "Max-sim over more personas scores higher for the same user even when no persona fits better; "
+                "the calibrated rows remove that drift (offsets measured on training data, temperature on "
+                "validation).", "",
+                "| personas | users | mean max-sim excess over the single vector | " + " | ".join(names) + " |",
+                "|---|---|---|" + "---|" * len(names)]
+        for c, g in by_count["by_target_persona_count"].items():
+            excess = by_count["max_sim_excess_over_single_vector_by_count"].get(c, float("nan"))
+            out.append(f"| {c} | {g['users']} | {excess:+.4f} | " +
+                       " | ".join(f"{g['ndcg@10'][n]:.4f}" for n in names) + " |")
+    agreement = report.get("recommender_agreement")
+    if agreement:
+        out += ["", f"Served by `Recommender.recommend` (the headline configuration): the same top-10 as measured "
+                    f"for {agreement['same_top10']:.1%} of {agreement['users']} sampled test users (mean top-10 "
+                    f"overlap {agreement['mean_top10_overlap']:.1%}); {agreement['note']}."]
     out += ["", "## Choices made on validation", "", "```json", json.dumps(report["choices"], indent=1), "```", "",
             f"Latency: {report['latency']['note']}.", "", "## Example users (fused rerank, matched persona)", ""]
     for ex in report["examples"]:
@@ -99,7 +117,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("")
         for r in ex["recommendations"]:
             mark = " **(held-out item)**" if r["is_held_out_item"] else ""
-            out.append(f"{r['rank']}. {r['title'][:70]}{mark} — persona: \"{r['persona']}\"")
+            why = f" — {r['rationale']}" if r.get("rationale") else ""
+            out.append(f"{r['rank']}. {r['title'][:70]}{mark} — persona: \"{r['persona']}\"{why}")
         out.append("")
     out += ["## Timings (s)", "", "```json", json.dumps(report["timings_s"], indent=1), "```", ""]
     return "\n".join(out)

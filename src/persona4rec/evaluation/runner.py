@@ -72,6 +72,8 @@ BPR_MAX_EPOCHS = 300
 BPR_EVAL_EVERY = 25
 CI_METRICS = ("HR@10", "NDCG@10")
 ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
+# Temperatures of the persona soft maximum (log-mean-exp); chosen on validation.
+SOFTMAX_TEMPERATURES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 SPLITS = ("loo", "temporal")
 
 
@@ -102,6 +104,7 @@ class EvaluationConfig:
     bpr_grid: list[dict[str, Any]] = field(default_factory=lambda: list(BPR_GRID))
     bpr_max_epochs: int = BPR_MAX_EPOCHS
     alpha_grid: tuple[float, ...] = ALPHA_GRID
+    softmax_temperatures: tuple[float, ...] = SOFTMAX_TEMPERATURES
     persona_file: str | None = None
     trust_personas: bool = False  # accept a persona file whose rows do not list their review_ids
     adapter_file: str | None = None  # a trained persona4rec.train.adapter .npz; None: no adapter
@@ -506,7 +509,57 @@ class Evaluation:
         for name, scores in self.text_scores.items():
             self.results.append(MethodResult(name, "full", ranks_from_scores(scores["valid"], d.valid_targets),
                                              ranks_from_scores(scores["test"], d.test_targets), params[name]))
+        self.calibrate_persona_scores()
         self._step("text scoring (full catalog)", started)
+
+    def calibrate_persona_scores(self) -> None:
+        """Two persona scores that do not grow with an item's persona count.
+
+        The max over P personas rises with P even when no persona fits better (a max of
+        more noisy cosines), which pushes items with few reviews (one persona) down.
+        * per-count offset: subtract, for items with c personas, the mean excess of max-sim
+          over the item's single vector, measured on training data only (profiles from
+          train histories, train-built items; no target is looked at);
+        * soft maximum: ``T * log(mean_p exp(s_p / T))`` (log-mean-exp: the max as T -> 0,
+          the mean as T grows; the mean keeps it from rising with P), T chosen on validation.
+        Both are computed in float32 from the same persona vectors as the index.
+        """
+        d, ps = self.data, self.personas
+        counts = np.diff(ps.offsets)
+        starts = ps.offsets[:-1]
+        raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # phase -> (per-persona scores, dense)
+        for phase, profiles in (("valid", self.valid_profiles), ("test", self.test_profiles)):
+            raw[phase] = (profiles @ ps.vectors.T, profiles @ self.item_vectors.T)
+        # Training data only: validation users' profiles come from their train histories.
+        per_persona, dense = raw["valid"]
+        excess = np.maximum.reduceat(per_persona, starts, axis=1) - dense
+        offsets = {int(c): float(excess[:, counts == c].mean()) for c in np.unique(counts)}
+        offset_of_item = np.array([offsets[int(c)] for c in counts])
+        self.persona_count_excess = {str(c): round(v, 5) for c, v in offsets.items()}
+        calibrated = {p: self.text_scores["persona max-sim"][p] - offset_of_item[None, :] for p in ("valid", "test")}
+
+        def soft(phase: str, temperature: float) -> np.ndarray:
+            s = raw[phase][0].astype(np.float64) / temperature
+            top = np.maximum.reduceat(s, starts, axis=1)
+            shifted = np.exp(s - np.repeat(top, counts, axis=1))
+            lme = temperature * (top + np.log(np.add.reduceat(shifted, starts, axis=1) / counts[None, :]))
+            return exclude_history(lme, d.history_matrix(phase), d.users(phase))
+
+        curve = {f"{t:g}": round(float(ndcg_at(ranks_from_scores(soft("valid", t), d.valid_targets), 10).mean()), 5)
+                 for t in self.config.softmax_temperatures}
+        best_t = max(self.config.softmax_temperatures, key=lambda t: (curve[f"{t:g}"], t))
+        softmax = {p: soft(p, best_t) for p in ("valid", "test")}
+        self.text_scores["persona max-sim, per-count offset"] = calibrated
+        self.text_scores["persona soft-max"] = softmax
+        self.choices["persona_calibration"] = {
+            "per_count_offset": self.persona_count_excess,
+            "offset_measured_on": "validation users' train-history profiles x train-built items (no targets)",
+            "softmax_temperature": best_t, "valid_ndcg@10_by_temperature": curve}
+        for name, scores, params in (
+                ("persona max-sim, per-count offset", calibrated, {"offset_by_persona_count": self.persona_count_excess}),
+                ("persona soft-max", softmax, {"temperature": best_t, "valid_ndcg@10_by_temperature": curve})):
+            self.results.append(MethodResult(name, "full", ranks_from_scores(scores["valid"], d.valid_targets),
+                                             ranks_from_scores(scores["test"], d.test_targets), params))
 
     def fuse_and_rerank(self) -> None:
         """Rerank the first stage's top-N by persona score, alone and fused (alpha on validation)."""
@@ -762,6 +815,8 @@ class Evaluation:
                      for g, mask in groups.items()}
         full_first = f"{self.first_stage} [full]"
         comparisons = [("persona max-sim [full]", "dense single-vector [full]"),
+                       ("persona max-sim, per-count offset [full]", "dense single-vector [full]"),
+                       ("persona soft-max [full]", "dense single-vector [full]"),
                        ("review max-sim [full]", "dense single-vector [full]"),
                        (f"fused persona + {self.first_stage} [full]", full_first)]
         for n in c.candidate_sizes:
@@ -778,6 +833,7 @@ class Evaluation:
         # Holm over the whole reported family: with this many comparisons one raw p < 0.05 is expected by chance.
         for entry, adjusted in zip(pvalues, holm_adjust([p["p_value"] for p in pvalues])):
             entry["p_holm"] = round(float(adjusted), 5)
+        by_count = self.by_persona_count(per_user)
         self._step("statistics", started)
         return {
             "version": 1,
@@ -803,6 +859,7 @@ class Evaluation:
             "methods": methods,
             "p_values": pvalues,
             "scenarios": scenarios,
+            "by_persona_count": by_count,
             "latency": {"per_user": self.latency, "note": self.latency_note},
             "recommender_agreement": getattr(self, "recommender_agreement", None),
             "personas": {"n_items": self.personas.n_items, "n_personas": self.personas.n_personas,
@@ -810,6 +867,23 @@ class Evaluation:
             "examples": self.examples(),
             "timings_s": self.timings,
         }
+
+    def by_persona_count(self, per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Test NDCG@10 of the text methods grouped by the target item's persona count, and
+        the mean max-sim excess over the single vector by persona count (training data)."""
+        d = self.data
+        counts = np.diff(self.personas.offsets)[d.test_targets]
+        names = ["dense single-vector [full]", "persona max-sim [full]", "persona max-sim, per-count offset [full]",
+                 "persona soft-max [full]"]
+        groups = {}
+        for c in sorted(set(counts.tolist())):
+            mask = counts == c
+            groups[str(c)] = {"users": int(mask.sum()),
+                              "ndcg@10": {n: round(float(per_user[n]["NDCG@10"][mask].mean()), 5) for n in names}}
+        return {"by_target_persona_count": groups,
+                "max_sim_excess_over_single_vector_by_count": self.persona_count_excess,
+                "items_by_persona_count": {str(c): int(n) for c, n in
+                                           zip(*np.unique(np.diff(self.personas.offsets), return_counts=True))}}
 
     def run(self, reviews: ReviewTable | None = None, items: ItemTable | None = None) -> dict[str, Any]:
         """Every step in order; returns the report dictionary."""
