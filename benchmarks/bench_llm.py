@@ -11,6 +11,11 @@ parsing, schema validation, cache and JSON-lines writes). The table reports each
 ratio of the ideal and of the bare-httpx baseline, the client CPU time per request, and the
 latency added per request on top of the server's delay. A run at delay 0 shows the CPU
 ceiling of client plus stub on this machine.
+
+Every row reports wall time and this process's CPU time (user + system, from
+``time.process_time``) side by side, and the load average before the run, so a figure
+taken on a busy machine can be told from one taken on an idle one: a path that used
+close to one core of CPU per wall second was CPU-bound, not waiting on the stub.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -117,19 +123,23 @@ def main() -> int:
             for mode in ("httpx", "client", "runner"):
                 wall, cpu = measure(mode, url, args.requests, args.concurrency)
                 rows.append({"mode": mode, "server_delay_s": delay, "requests": args.requests,
-                             "concurrency": args.concurrency, "req_per_s": args.requests / wall,
+                             "concurrency": args.concurrency, "wall_s": wall, "cpu_s": cpu,
+                             "load_average_1min": os.getloadavg()[0], "req_per_s": args.requests / wall,
                              "cpu_ms_per_req": 1000 * cpu / args.requests,
                              "added_latency_ms": 1000 * (wall * args.concurrency / args.requests - delay)})
         finally:
             stop_stub(proc)
-    print(f"ideal at {args.delay * 1000:.0f} ms and concurrency {args.concurrency}: {ideal:.0f} req/s")
-    print(f"{'path':8} {'delay':>6} {'req/s':>8} {'x ideal':>8} {'x httpx':>8} {'client CPU ms/req':>18} "
-          f"{'added ms/req':>13}")
+    print(f"ideal at {args.delay * 1000:.0f} ms and concurrency {args.concurrency}: {ideal:.0f} req/s; "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'path':8} {'delay':>6} {'req/s':>8} {'x ideal':>8} {'x httpx':>8} {'wall s':>7} {'CPU s':>6} "
+          f"{'CPU/wall':>8} {'client CPU ms/req':>18} {'added ms/req':>13} {'load 1m':>8}")
     for r in rows:
         ratio = f"{r['req_per_s'] / ideal:8.2f}" if r["server_delay_s"] else f"{'-':>8}"
         base = next(b for b in rows if b["mode"] == "httpx" and b["server_delay_s"] == r["server_delay_s"])
         print(f"{r['mode']:8} {r['server_delay_s'] * 1000:4.0f}ms {r['req_per_s']:8.0f} {ratio} "
-              f"{r['req_per_s'] / base['req_per_s']:8.2f} {r['cpu_ms_per_req']:18.3f} {r['added_latency_ms']:13.2f}")
+              f"{r['req_per_s'] / base['req_per_s']:8.2f} {r['wall_s']:7.2f} {r['cpu_s']:6.2f} "
+              f"{r['cpu_s'] / r['wall_s']:8.2f} {r['cpu_ms_per_req']:18.3f} {r['added_latency_ms']:13.2f} "
+              f"{r['load_average_1min']:8.2f}")
     target = [r for r in rows if r["server_delay_s"] == args.delay and r["mode"] != "httpx"]
     worst = min(r["req_per_s"] for r in target) / ideal
     print(f"target >= 0.70 x ideal: {'met' if worst >= 0.7 else 'NOT met'} (worst path {worst:.2f})")

@@ -134,3 +134,38 @@ def test_a_quota_error_on_upload_stops_the_run(tmp_path):
                                                                        "message": "You exceeded your current quota"}})
         with pytest.raises(FatalLLMError, match="quota"):
             run(s, tmp_path / "out.jsonl")
+
+
+def test_cli_batch_run_killed_mid_batch_resumes_the_same_batch(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    items_path = tmp_path / "items.jsonl"
+    items_path.write_text("".join(json.dumps(i) + "\n" for i in items(4)))
+    out = tmp_path / "out.jsonl"
+    state = tmp_path / "out.jsonl.batch.json"
+    command = [sys.executable, "-m", "persona4rec.cli", "llm", "summaries", "--items", str(items_path), "--out",
+               str(out), "--mode", "batch", "--batch-poll", "0.02", "--batch-poll-max", "0.05", "--no-progress",
+               "--api-key-env", "P4R_NO_KEY", "--timeout", "5", "--prices", '{"prompt": 0.2, "completion": 0.8}']
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        fake = BatchFake(s, lambda b, n: chat_reply(GOOD), hold=True)
+        proc = subprocess.Popen(command + ["--base-url", s.base_url], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while time.monotonic() < deadline and not state.exists():
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(10)
+            proc.stderr.close()
+        assert len(fake.created) == 1
+        fake.release()
+        finished = subprocess.run(command + ["--base-url", s.base_url], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    assert len(fake.created) == 1 and len(fake.lines_answered) == 4
+    assert "tokens paid (batch): prompt 44" in finished.stderr and "at batch prices" in finished.stderr
+    assert sorted(r["key"] for r in read_jsonl(out)) == [f"I{i:03d}" for i in range(4)]
