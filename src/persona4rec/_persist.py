@@ -141,7 +141,15 @@ def sweep_temp_files(path: Path) -> list[Path]:
     except OSError:
         return removed
     prefix = _temp_prefix(path)
+    legacy = f"{path.name}.hnsw.raw.tmp"  # the fixed temp name of format-1 graph saves
     for name in names:
+        if name == legacy:
+            try:
+                os.unlink(path.parent / name)
+                removed.append(path.parent / name)
+            except OSError:
+                pass
+            continue
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         m = _TEMP_PID.search(name[len(prefix) - 1:])
