@@ -46,7 +46,7 @@ def test_extract_personas_layout_names_and_fallback() -> None:
     texts = [f"Opening sentence {k}. More words." for k in range(len(points))]
     fallback = unit(np.ones((2, points.shape[1])))
     ps = extract_personas(["A", "B"], review_item, points, titles, texts, max_personas=2, reviews_per_persona=2,
-                          fallback_vectors=fallback, fallback_names=["Item A", "Item B"])
+                          fallback_vectors=fallback, fallback_names=["Item A", "Item B"], label_style="titles")
     assert ps.offsets.tolist() == [0, 2, 3]
     assert ps.vectors.dtype == np.float32 and ps.vectors.flags.c_contiguous
     assert np.allclose(np.linalg.norm(ps.vectors, axis=1), 1.0)
@@ -132,3 +132,30 @@ def test_kmeans_with_more_clusters_than_distinct_points_leaves_no_cluster_empty_
     points = unit(np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 2))
     _, labels = spherical_kmeans(points, 3, seed=0)
     assert sorted(np.bincount(labels, minlength=3).tolist())[0] >= 1
+
+
+def test_term_labels_read_as_a_kind_of_reviewer_with_a_representative_sentence() -> None:
+    # Two planted groups of one item: gigging players who talk about the stage and the strap,
+    # and beginners who talk about tuning and price; titles are the unhelpful "Five Stars".
+    points, truth, _ = planted(n_per=4, k=2)
+    texts = []
+    for k, t in enumerate(truth):
+        if t == 0:
+            texts.append(f"I play gigs every weekend and the strap holds my heavy bass on stage. Review {k}.")
+        else:
+            texts.append(f"As a beginner the tuning stays stable and the price was right for me. Review {k}.")
+    ps = extract_personas(["A"], np.zeros(len(points), dtype=np.int64), points, ["Five Stars"] * len(points), texts,
+                          max_personas=2, reviews_per_persona=2)
+    assert ps.params["labels"] == "terms"
+    for p in range(2):
+        group = int(truth[ps.central_reviews[p][0]])
+        name, description = ps.names[p], ps.descriptions[p]
+        assert name.startswith("Reviewers who mention ")
+        expected = {"gigs", "strap", "stage", "bass", "weekend", "heavy", "play"} if group == 0 else \
+            {"beginner", "tuning", "price", "stable", "stays", "right"}
+        assert set(name.removeprefix("Reviewers who mention ").replace(" and ", ", ").split(", ")) <= expected
+        assert ("strap holds my heavy bass" in description) == (group == 0)  # its own sentence, quoted
+        assert "Five Stars" in description and "Distinctive words:" in description
+    assert ps.names[0] != ps.names[1]
+    with pytest.raises(ValueError, match="label_style"):
+        extract_personas(["A"], np.zeros(1, dtype=np.int64), points[:1], ["t"], ["x"], label_style="llm")

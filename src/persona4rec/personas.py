@@ -162,6 +162,95 @@ def _opening_phrase(text: str, max_words: int = 20) -> str:
     return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
 
 
+_WORD = re.compile(r"[a-z][a-z'-]+[a-z]")
+# Words that say nothing about who a reviewer is or why they bought (plus review boilerplate).
+_STOPWORDS = frozenset("""
+a about above after again all also am an and any are aren't as at be because been before being below between both
+but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each few for from further
+get gets got had hadn't has hasn't have haven't having he her here hers herself him himself his how i i'd i'll i'm
+i've if in into is isn't it it's its itself just let's me more most much my myself no nor not now of off on once
+only or other ought our ours ourselves out over own same she should shouldn't so some such than that that's the
+their theirs them themselves then there there's these they they're this those through to too under until up very
+was wasn't we we're were weren't what when where which while who whom why will with won't would wouldn't you you're
+your yours yourself yourselves one two three four five stars star really well good great nice fine okay ok love
+like product item bought buy buying purchase purchased works work worked use used using thing things lot even still
+get got make made way back first new will would could also something anything everything however though every many
+always never since around enough another without within almost maybe sure quite pretty bit little want wanted need
+""".split())
+
+
+def _terms(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS and len(w) > 2]
+
+
+class _Vocabulary:
+    """Document frequencies of review words over the reviews a persona set is built from."""
+
+    def __init__(self, docs: Sequence[set[str]]) -> None:
+        self.n = max(1, len(docs))
+        self.df: dict[str, int] = {}
+        for doc in docs:
+            for word in doc:
+                self.df[word] = self.df.get(word, 0) + 1
+
+    def idf(self, word: str) -> float:
+        return float(np.log((1 + self.n) / (1 + self.df.get(word, 0))))
+
+
+def _distinctive_terms(members: Sequence[int], item_rows: Sequence[int], docs: Sequence[set[str]],
+                       vocab: _Vocabulary, n_terms: int = 5) -> list[str]:
+    """Words many of the persona's reviews use, rare in the corpus, and more common in this
+    persona than in the item's other reviews (so two personas of one item differ)."""
+    in_cluster: dict[str, int] = {}
+    for r in members:
+        for word in docs[r]:
+            in_cluster[word] = in_cluster.get(word, 0) + 1
+    in_item: dict[str, int] = {}
+    for r in item_rows:
+        for word in docs[r]:
+            in_item[word] = in_item.get(word, 0) + 1
+    need = min(2, len(members))  # a word one reviewer of many used is not the group's
+    scored = []
+    for word, count in in_cluster.items():
+        if count < need:
+            continue
+        share = count / len(members)
+        lift = share / (in_item[word] / len(item_rows))
+        scored.append((share * lift * vocab.idf(word), word))
+    return [w for _, w in sorted(scored, key=lambda x: (-x[0], x[1]))[:n_terms]]
+
+
+def _representative_sentence(ranked: Sequence[int], texts: Sequence[str], terms: Sequence[str],
+                             vocab: _Vocabulary, max_words: int = 30) -> str:
+    """The sentence of the persona's most central reviews that carries most of its
+    distinctive words (idf-weighted), preferring complete sentences of 5-30 words."""
+    best: tuple[float, int, str] | None = None
+    weights = {t: vocab.idf(t) for t in terms}
+    for rank, r in enumerate(ranked):
+        for sentence in _SENTENCE_END.split(str(texts[r]).strip()):
+            words = sentence.split()
+            if not 5 <= len(words) <= max_words:
+                continue
+            present = set(_terms(sentence))
+            score = sum(w for t, w in weights.items() if t in present)
+            key = (score, -rank, sentence)
+            if best is None or key[:2] > best[:2]:
+                best = key
+    if best is not None and best[0] > 0:
+        return best[2]
+    return _opening_phrase(str(texts[ranked[0]])) if len(ranked) else ""
+
+
+def _persona_name(terms: Sequence[str], lead: str) -> str:
+    """A label that reads as a kind of reviewer: their distinctive words, else the review title."""
+    if len(terms) >= 2:
+        shown = list(terms[:3])
+        return "Reviewers who mention " + (", ".join(shown[:-1]) + " and " + shown[-1])
+    if len(terms) == 1:
+        return f"Reviewers who mention {terms[0]}"
+    return lead
+
+
 def extract_personas(
     item_ids: Sequence[str],
     review_item: np.ndarray,
@@ -175,6 +264,7 @@ def extract_personas(
     fallback_names: Sequence[str] | None = None,
     seed: int = 0,
     n_central: int = 3,
+    label_style: str = "terms",
 ) -> PersonaSet:
     """Build extractive personas for every item in ``item_ids``.
 
@@ -182,7 +272,14 @@ def extract_personas(
     embedding is ``review_vectors[r]`` (L2-normalised). Pass only the reviews the
     personas may see: in evaluation, train reviews only. ``fallback_vectors`` (one row
     per item) serve items without reviews; without them such an item is an error.
+
+    ``label_style="terms"`` (default) names a persona by the distinctive words of its reviews
+    ("Reviewers who mention tone, strings and tuner") and describes it by its most
+    representative sentence, its distinctive words and its central review titles;
+    ``label_style="titles"`` names it by its most central review's title (the earlier labels).
     """
+    if label_style not in ("terms", "titles"):
+        raise ValueError(f"label_style must be 'terms' or 'titles', got {label_style!r}")
     review_item = np.asarray(review_item, dtype=np.int64)
     review_vectors = np.asarray(review_vectors, dtype=np.float32)
     n_items = len(item_ids)
@@ -192,6 +289,9 @@ def extract_personas(
         raise ValueError("review_item holds an item position outside 0..len(item_ids)-1")
     order = np.argsort(review_item, kind="stable")
     bounds = np.searchsorted(review_item[order], np.arange(n_items + 1))
+    docs = [set(_terms(f"{review_titles[r]} {review_texts[r]}")) for r in range(len(review_item))] \
+        if label_style == "terms" else []
+    vocab = _Vocabulary(docs)
     vectors: list[np.ndarray] = []
     names: list[str] = []
     descriptions: list[str] = []
@@ -225,11 +325,20 @@ def extract_personas(
             ranked = members[np.argsort(-closeness, kind="stable")][:n_central]
             titles = [str(review_titles[r]).strip() for r in ranked if str(review_titles[r]).strip()]
             lead = titles[0] if titles else _opening_phrase(str(review_texts[ranked[0]]), 8)
-            phrase = _opening_phrase(str(review_texts[ranked[0]]))
             vectors.append(centroids[c][None, :])
-            names.append(lead)
-            descriptions.append(f"Reviewers who said: {'; '.join(titles) or lead}. " +
-                                (f"In their words: \"{phrase}\"" if phrase else ""))
+            if label_style == "terms":
+                terms = _distinctive_terms(members, rows, docs, vocab)
+                by_closeness = members[np.argsort(-closeness, kind="stable")][:max(n_central, 5)]
+                sentence = _representative_sentence(by_closeness, review_texts, terms, vocab)
+                names.append(_persona_name(terms, lead))
+                descriptions.append((f"\"{sentence}\" " if sentence else "") +
+                                    (f"Distinctive words: {', '.join(terms)}. " if terms else "") +
+                                    f"Review titles: {'; '.join(titles) or lead}.")
+            else:
+                phrase = _opening_phrase(str(review_texts[ranked[0]]))
+                names.append(lead)
+                descriptions.append(f"Reviewers who said: {'; '.join(titles) or lead}. " +
+                                    (f"In their words: \"{phrase}\"" if phrase else ""))
             support.append(len(members))
             central.append([int(r) for r in ranked])
         offsets[item + 1] = offsets[item] + len(kept)
@@ -240,7 +349,7 @@ def extract_personas(
         names=names, descriptions=descriptions, support=np.asarray(support, dtype=np.int64),
         central_reviews=central,
         params={"method": "extractive-spherical-kmeans", "max_personas": max_personas,
-                "reviews_per_persona": reviews_per_persona, "seed": seed},
+                "reviews_per_persona": reviews_per_persona, "seed": seed, "labels": label_style},
     )
 
 
