@@ -97,6 +97,8 @@ def test_llm_persona_file_with_fallback_and_errors(tmp_path) -> None:
     ps = personas_from_file(["A", "B"], by_item, encode, fallback)
     assert seen == ["Gig Player. Plays live. Needs it sturdy.", "Home Tinkerer. Tweaks gear."]
     assert ps.names[:2] == ["Gig Player", "Home Tinkerer"]
+    # LLM rationales travel with the personas (into the index and the Recommender's results).
+    assert ps.rationales[:2] == ["Needs it sturdy.", ""] and len(ps.rationales) == ps.n_personas
     assert ps.offsets.tolist() == [0, 2, 2 + fallback.offsets[2] - fallback.offsets[1]]
     assert np.array_equal(ps.vectors[2:], fallback.vectors[fallback.offsets[1]:])
     assert ps.params["items_without_llm_personas"] == 1

@@ -44,6 +44,7 @@ class PersonaSet:
     support: np.ndarray
     central_reviews: list[list[int]] = field(default_factory=list)
     params: dict[str, object] = field(default_factory=dict)
+    rationales: list[str] = field(default_factory=list)  # per persona row (LLM personas); empty: none
 
     @property
     def n_items(self) -> int:
@@ -425,6 +426,7 @@ def personas_from_file(item_ids: Sequence[str], by_item: dict[str, list[dict[str
     descriptions: list[str] = []
     support: list[int] = []
     central: list[list[int]] = []
+    rationales: list[str] = []
     offsets = np.zeros(len(item_ids) + 1, dtype=np.int64)
     used = 0
     missing = 0
@@ -435,6 +437,7 @@ def personas_from_file(item_ids: Sequence[str], by_item: dict[str, list[dict[str
             used += len(personas)
             names += [p["name"] for p in personas]
             descriptions += [p["description"] for p in personas]
+            rationales += [str(p.get("rationale", "")) for p in personas]
             support += [0] * len(personas)
             central += [[] for _ in personas]
         else:
@@ -443,11 +446,12 @@ def personas_from_file(item_ids: Sequence[str], by_item: dict[str, list[dict[str
             rows.append(fallback.vectors[span.start:span.stop])
             names += fallback.names[span.start:span.stop]
             descriptions += fallback.descriptions[span.start:span.stop]
+            rationales += fallback.rationales[span.start:span.stop] if fallback.rationales else [""] * len(span)
             support += fallback.support[span.start:span.stop].tolist()
             central += fallback.central_reviews[span.start:span.stop]
         offsets[pos + 1] = offsets[pos] + len(rows[-1])
     return PersonaSet(item_ids=[str(i) for i in item_ids], vectors=np.ascontiguousarray(np.concatenate(rows)),
                       offsets=offsets, names=names, descriptions=descriptions,
-                      support=np.asarray(support, dtype=np.int64), central_reviews=central,
+                      support=np.asarray(support, dtype=np.int64), central_reviews=central, rationales=rationales,
                       params={"method": "llm-persona-file", "items_without_llm_personas": missing,
                               "fallback": fallback.params})
