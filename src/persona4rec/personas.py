@@ -177,6 +177,7 @@ your yours yourself yourselves one two three four five stars star really well go
 like product item bought buy buying purchase purchased works work worked use used using thing things lot even still
 get got make made way back first new will would could also something anything everything however though every many
 always never since around enough another without within almost maybe sure quite pretty bit little want wanted need
+others say said best simply real idea actually definitely highly recommend recommended far
 """.split())
 
 
@@ -211,9 +212,11 @@ def _distinctive_terms(members: Sequence[int], item_rows: Sequence[int], docs: S
         for word in docs[r]:
             in_item[word] = in_item.get(word, 0) + 1
     need = min(2, len(members))  # a word one reviewer of many used is not the group's
+    # A word fewer than three reviewers of the whole corpus used is idiosyncratic, not a kind of reviewer.
+    corpus_need = 3 if vocab.n >= 50 else 1
     scored = []
     for word, count in in_cluster.items():
-        if count < need:
+        if count < need or vocab.df.get(word, 0) < corpus_need:
             continue
         share = count / len(members)
         lift = share / (in_item[word] / len(item_rows))
