@@ -248,12 +248,91 @@ def test_default_cache_dir_is_keyed_by_fingerprint(monkeypatch, tmp_path: Path, 
     assert profiler.cache.directory == tmp_path / "root" / "interactions" / "fp-a"
 
 
-def test_second_writer_is_refused(tmp_path: Path) -> None:
+def test_a_writer_in_another_process_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     first = InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4)
-    with pytest.raises(RuntimeError, match="read_only=True"):
-        InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4)
+    code = ("from persona4rec.profile import InteractionEmbeddingCache as C\n"
+            f"C({str(tmp_path / 'c')!r}, fingerprint='f', dim=4)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "read_only=True" in out.stderr
     first.close()
-    InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4).close()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_writers_in_one_process_share_the_directory(tmp_path: Path) -> None:
+    import threading
+
+    caches = [InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4) for _ in range(4)]
+    errors: list[str] = []
+
+    def fill(t: int) -> None:
+        try:
+            for i in range(50):
+                key = bytes([t, i]) * 8
+                caches[t].put([key], np.full((1, 4), t * 100 + i, np.float32))
+        except Exception as e:  # noqa: BLE001 - any failure counts
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=fill, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    for c in caches:
+        c.close()
+    reopened = InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4, read_only=True)
+    assert len(reopened) == 200
+    for t in range(4):
+        for i in (0, 49):
+            row = reopened.rows_of([bytes([t, i]) * 8])
+            np.testing.assert_array_equal(reopened.gather(row), np.full((1, 4), t * 100 + i, np.float32))
+
+
+def test_a_closed_cache_refuses_writes(tmp_path: Path) -> None:
+    cache = InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4)
+    cache.put([b"a" * 16], np.ones((1, 4), np.float32))
+    cache.close()
+    assert len(cache) == 1  # still readable
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.put([b"b" * 16], np.ones((1, 4), np.float32))
+    assert os.path.getsize(tmp_path / "c" / "keys.bin") == 16
+
+
+def test_corrupted_rows_are_left_out_and_encoded_again(tmp_path: Path, enc: CountingEncoder) -> None:
+    texts = [f"interaction number {i}" for i in range(6)]
+    profiler = UserProfiler(enc, cache=tmp_path / "c", min_rating=None)
+    expected = profiler.profile(texts)
+    profiler.cache.close()
+    vectors = tmp_path / "c" / "vectors.f32"
+    raw = bytearray(vectors.read_bytes())
+    raw[4 * DIM * 2 + 3] ^= 0x10  # one bit of row 2
+    row = 4 * DIM
+    raw[0:row], raw[row:2 * row] = raw[row:2 * row], raw[0:row]  # rows 0 and 1 swapped
+    vectors.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match="3 rows fail their checksum"):
+        reopened = UserProfiler(enc, cache=tmp_path / "c", min_rating=None)
+    n_calls = len(enc.calls)
+    np.testing.assert_array_equal(reopened.profile(texts), expected)
+    assert enc.calls[n_calls:] == [texts[:3]]  # exactly the three bad rows were encoded again
+
+
+def test_a_version_1_cache_gains_row_checksums(tmp_path: Path) -> None:
+    import json
+
+    vectors = _filled_cache(tmp_path / "c")
+    (tmp_path / "c" / "sums.u64").unlink()
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(dict(meta, version=1)))
+    cache = InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4)
+    assert len(cache) == 3 and json.loads((tmp_path / "c" / "meta.json").read_text())["version"] == 2
+    assert os.path.getsize(tmp_path / "c" / "sums.u64") == 3 * 8
+    cache.close()
+    again = InteractionEmbeddingCache(tmp_path / "c", fingerprint="f", dim=4, read_only=True)
+    np.testing.assert_array_equal(again.gather(again.rows_of([bytes([1]) * 16])), vectors[1:2])
 
 
 def _filled_cache(directory: Path, n: int = 3, dim: int = 4) -> np.ndarray:

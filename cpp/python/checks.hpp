@@ -16,6 +16,7 @@ template <> inline const char* dtype_name<uint8_t>() { return "uint8"; }
 template <> inline const char* dtype_name<float>() { return "float32"; }
 template <> inline const char* dtype_name<int64_t>() { return "int64"; }
 template <> inline const char* dtype_name<int32_t>() { return "int32"; }
+template <> inline const char* dtype_name<uint64_t>() { return "uint64"; }
 
 // Requires an array of exactly dtype T (native byte order), C-contiguous, with `ndim`
 // dimensions. Never copies: a silent copy of a large index would double its memory.

@@ -104,6 +104,26 @@ uint64_t checksum_py(const py::object& obj, uint64_t seed) {
   return out;
 }
 
+py::array_t<uint64_t> checksum64_rows_py(const py::object& rows_obj, const py::object& seeds_obj) {
+  py::array rows = py::reinterpret_borrow<py::array>(rows_obj);
+  if (!py::isinstance<py::array>(rows_obj) || rows.ndim() != 2 || !(rows.flags() & py::array::c_style))
+    throw py::value_error("rows must be a C-contiguous 2-D numpy array");
+  py::array seeds = require<uint64_t>(seeds_obj, "seeds", 1);
+  if (seeds.shape(0) != rows.shape(0))
+    throw py::value_error("seeds must have one entry per row (" + std::to_string(rows.shape(0)) + ")");
+  const auto n = std::size_t(rows.shape(0));
+  const std::size_t row_bytes = std::size_t(rows.shape(1)) * std::size_t(rows.itemsize());
+  const auto* base = static_cast<const unsigned char*>(rows.data());
+  const auto* sd = static_cast<const uint64_t*>(seeds.data());
+  py::array_t<uint64_t> out(rows.shape(0));
+  uint64_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (std::size_t i = 0; i < n; ++i) o[i] = checksum64(base + i * row_bytes, row_bytes, sd[i]);
+  }
+  return out;
+}
+
 int64_t find_int8_min_py(const py::object& codes_obj) {
   py::array codes = py::reinterpret_borrow<py::array>(codes_obj);
   if (!py::isinstance<py::array_t<int8_t>>(codes) || !(codes.flags() & py::array::c_style))
@@ -141,6 +161,9 @@ void register_kernels(py::module_& m) {
   m.def("checksum64_v1", &checksum_py<&checksum64_v1>, py::arg("buffer"), py::arg("seed") = 0,
         "The index format 1 checksum (reads old files only: two flips of the top bit of "
         "words 64 bytes apart cancel).");
+  m.def("checksum64_rows", &checksum64_rows_py, py::arg("rows"), py::arg("seeds"),
+        "checksum64 of every row of a C-contiguous 2-D array, row i seeded with seeds[i] "
+        "(uint64): binds each row to its seed, e.g. a cache row to its key.");
   m.def("find_int8_min", &find_int8_min_py, py::arg("codes"),
         "Flat position of the first -128 in an int8 code array, or -1 (codes must lie in "
         "[-127, 127]).");

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
 from operator import attrgetter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from typing import Any, Protocol, Union
 
 import numpy as np
 
+from persona4rec._core import checksum64_rows
 from persona4rec.encoder import EncoderMismatchError, default_cache_dir
 
 __all__ = [
@@ -275,11 +277,13 @@ def recency_weights(n: int, gamma: float = DEFAULT_GAMMA) -> np.ndarray:
 
 # --------------------------------------------------------------------------- cache
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 has no row checksums; a writer adds them on open
 _KEY_BYTES = 16
 _META_FILE = "meta.json"
 _KEYS_FILE = "keys.bin"
 _VECTORS_FILE = "vectors.f32"
+_SUMS_FILE = "sums.u64"
 _LOCK_FILE = "lock"
 _TEXT_MEMO_LIMIT = 200_000  # texts remembered per process before the memo is dropped
 
@@ -289,14 +293,87 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_KEY_BYTES).digest()
 
 
+def _row_sums(keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """One checksum per row of its vector seeded by its key: a flipped bit, or a vector
+    that moved to another key's row, no longer matches."""
+    seeds = np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1).astype(np.uint64)
+    return checksum64_rows(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(seeds))
+
+
+class _DirectoryWriter:
+    """The one writer of a cache directory in this process.
+
+    The directory's exclusive lock (flock) keeps other processes out; every cache object
+    of this process that writes the directory shares this writer, whose mutex makes each
+    append of (vectors, sums, keys) one unit, so two profilers of one encoder in one
+    process both work and never interleave rows.
+    """
+
+    _registry: dict[Path, "_DirectoryWriter"] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, directory: Path, fd: int):
+        self.directory = directory
+        self.fd = fd
+        self.users = 0
+        self.mutex = threading.Lock()
+
+    @classmethod
+    def acquire(cls, directory: Path) -> "_DirectoryWriter":
+        key = directory.resolve()
+        with cls._registry_lock:
+            writer = cls._registry.get(key)
+            if writer is None:
+                fd = os.open(directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    import fcntl
+
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except ImportError:  # not POSIX: no cross-process protection
+                    pass
+                except OSError:
+                    os.close(fd)
+                    raise RuntimeError(
+                        f"interaction cache {directory} is open for writing in another process; "
+                        "open it with read_only=True, or give this process its own cache directory."
+                    ) from None
+                writer = cls._registry[key] = cls(directory, fd)
+            writer.users += 1
+            return writer
+
+    def release(self) -> None:
+        with self._registry_lock:
+            self.users -= 1
+            if self.users == 0:
+                self._registry.pop(self.directory.resolve(), None)
+                os.close(self.fd)
+
+    def append(self, keys: bytes, vectors: np.ndarray, sums: np.ndarray) -> None:
+        # Vectors, then sums, then keys: a crash leaves rows without keys, which the
+        # next open trims; the number of keys is the number of rows.
+        with self.mutex:
+            with open(self.directory / _VECTORS_FILE, "ab") as fh:
+                fh.write(vectors.tobytes())
+            with open(self.directory / _SUMS_FILE, "ab") as fh:
+                fh.write(sums.astype("<u8").tobytes())
+            with open(self.directory / _KEYS_FILE, "ab") as fh:
+                fh.write(keys)
+
+
 class InteractionEmbeddingCache:
     """Interaction-text embeddings of one encoder, persisted in a directory.
 
     Files: ``meta.json`` (version, encoder fingerprint, dim), ``keys.bin`` (16-byte
-    text hashes) and ``vectors.f32`` (float32 rows, memory-mapped), appended together,
-    vectors first, so a crash can only leave a tail without a key, which the next open
-    trims. One writing process per directory (an exclusive lock enforces it); open
-    with ``read_only=True`` to share a cache, rows added then stay in memory.
+    text hashes), ``vectors.f32`` (float32 rows, memory-mapped) and ``sums.u64`` (one
+    checksum per row, of its vector seeded by its key), appended together, keys last,
+    so a crash can only leave a tail without a key, which the next open trims. Every row
+    is verified on open: a row whose vector no longer matches its key (a flipped bit,
+    rows moved) is left out with a warning, so its text is simply encoded again.
+
+    One writing process per directory (an exclusive lock enforces it); within that
+    process any number of cache objects (for example one profiler per thread) share
+    the writer. Open with ``read_only=True`` to share a cache between processes: rows
+    added then stay in memory. A closed cache stays readable and refuses writes.
 
     Args:
         directory: cache directory, or None for a memory-only cache.
@@ -320,7 +397,9 @@ class InteractionEmbeddingCache:
         self._ram = np.empty((64, dim), dtype=np.float32)
         self._ram_rows = 0
         self._row_by_text: dict[str, int] = {}
-        self._lock_fd: int | None = None
+        self._writer: _DirectoryWriter | None = None
+        self._closed = False
+        self._version = _CACHE_VERSION
         if self.directory is not None:
             self._open()
 
@@ -334,38 +413,29 @@ class InteractionEmbeddingCache:
                 raise FileNotFoundError(f"interaction cache {self.directory} does not exist (opened read-only)")
             self.directory.mkdir(parents=True)
         if not self.read_only:
-            self._acquire_lock()
+            self._writer = _DirectoryWriter.acquire(self.directory)
         if meta_path.is_file():
             self._check_meta(meta_path)
         elif any((self.directory / f).exists() for f in (_KEYS_FILE, _VECTORS_FILE)):
+            self.close()
             raise CacheCorruptError(
                 f"interaction cache {self.directory} has data files but no {_META_FILE}; "
                 "delete the directory (it is only a cache and will be rebuilt)."
             )
         elif not self.read_only:
-            meta = {"version": _CACHE_VERSION, "fingerprint": self.fingerprint, "dim": self.dim,
-                    "key": f"blake2b-{_KEY_BYTES * 8} of UTF-8 text", "dtype": "float32"}
-            tmp = meta_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, meta_path)
+            self._write_meta()
         self._load_rows()
 
-    def _acquire_lock(self) -> None:
+    def _write_meta(self) -> None:
         assert self.directory is not None
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no cross-process protection
-            return
-        fd = os.open(self.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RuntimeError(
-                f"interaction cache {self.directory} is open for writing in another process; "
-                "open it with read_only=True, or give this process its own cache directory."
-            ) from None
-        self._lock_fd = fd
+        meta = {"version": _CACHE_VERSION, "fingerprint": self.fingerprint, "dim": self.dim,
+                "key": f"blake2b-{_KEY_BYTES * 8} of UTF-8 text", "dtype": "float32",
+                "row_checksum": "checksum64 of the vector, seeded by the key's first 8 bytes"}
+        meta_path = self.directory / _META_FILE
+        tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, meta_path)
+        self._version = _CACHE_VERSION
 
     def _check_meta(self, meta_path: Path) -> None:
         try:
@@ -377,11 +447,11 @@ class InteractionEmbeddingCache:
                 f"interaction cache metadata {meta_path} is damaged ({exc!r}); delete {self.directory} "
                 "(it is only a cache and will be rebuilt)."
             ) from exc
-        if version != _CACHE_VERSION:
+        if version not in _READABLE_VERSIONS:
             self.close()
             raise CacheCorruptError(
                 f"interaction cache {self.directory} has format version {version!r}, this persona4rec "
-                f"reads {_CACHE_VERSION}; delete the directory to rebuild it."
+                f"reads {_READABLE_VERSIONS}; delete the directory to rebuild it."
             )
         if fingerprint != self.fingerprint or dim != self.dim:
             self.close()
@@ -390,42 +460,74 @@ class InteractionEmbeddingCache:
                 f"not of this encoder {self.fingerprint} (dim {self.dim}); use the cache directory of "
                 "this encoder (the default path includes the fingerprint) or delete this one."
             )
+        self._version = version
 
     def _load_rows(self) -> None:
         assert self.directory is not None
         keys_path, vectors_path = self.directory / _KEYS_FILE, self.directory / _VECTORS_FILE
+        sums_path = self.directory / _SUMS_FILE
         key_bytes = keys_path.stat().st_size if keys_path.exists() else 0
         row_bytes = 4 * self.dim
         vector_bytes = vectors_path.stat().st_size if vectors_path.exists() else 0
-        n_keys, n_vectors = key_bytes // _KEY_BYTES, vector_bytes // row_bytes
-        if n_keys > n_vectors:
+        sum_bytes = sums_path.stat().st_size if sums_path.exists() else 0
+        n_keys, n_vectors, n_sums = key_bytes // _KEY_BYTES, vector_bytes // row_bytes, sum_bytes // 8
+        checked = self._version >= 2
+        if n_keys > n_vectors or (checked and n_keys > n_sums):
             self.close()
             raise CacheCorruptError(
-                f"interaction cache {self.directory} has {n_keys} keys but only {n_vectors} vectors "
-                "(vectors are always written first, so this is not a crash); delete the directory."
+                f"interaction cache {self.directory} has {n_keys} keys but only {n_vectors} vectors and "
+                f"{n_sums if checked else 'no'} checksums (keys are always written last, so this is not a crash); "
+                "delete the directory."
             )
-        if key_bytes != n_keys * _KEY_BYTES or vector_bytes != n_keys * row_bytes:
-            # The tail of an interrupted append: vectors without keys, or a partial row.
+        tails = [(keys_path, key_bytes, n_keys * _KEY_BYTES), (vectors_path, vector_bytes, n_keys * row_bytes)]
+        if checked:
+            tails.append((sums_path, sum_bytes, n_keys * 8))
+        if any(size != want for _, size, want in tails):
+            # The tail of an interrupted append: rows without keys, or a partial row.
             if not self.read_only:
                 warnings.warn(
                     f"interaction cache {self.directory}: dropping an incomplete tail left by an interrupted write",
                     RuntimeWarning,
                     stacklevel=4,
                 )
-                for path, size in ((keys_path, n_keys * _KEY_BYTES), (vectors_path, n_keys * row_bytes)):
-                    if path.exists():
-                        os.truncate(path, size)
-        if n_keys:
-            keys = np.fromfile(keys_path, dtype=np.uint8, count=n_keys * _KEY_BYTES).reshape(n_keys, _KEY_BYTES)
-            self._index = {bytes(k): i for i, k in enumerate(keys)}
-            # A plain ndarray over the mapping: indexing a np.memmap object costs microseconds more.
-            self._disk = np.asarray(np.memmap(vectors_path, dtype=np.float32, mode="r", shape=(n_keys, self.dim)))
+                for path, size, want in tails:
+                    if path.exists() and size != want:
+                        os.truncate(path, want)
+        if not n_keys:
+            if not checked and not self.read_only:
+                self._write_meta()
+            return
+        keys = np.fromfile(keys_path, dtype=np.uint8, count=n_keys * _KEY_BYTES).reshape(n_keys, _KEY_BYTES)
+        # A plain ndarray over the mapping: indexing a np.memmap object costs microseconds more.
+        self._disk = np.asarray(np.memmap(vectors_path, dtype=np.float32, mode="r", shape=(n_keys, self.dim)))
+        good = np.ones(n_keys, dtype=bool)
+        if checked:
+            stored = np.fromfile(sums_path, dtype="<u8", count=n_keys)
+            good = _row_sums(keys, self._disk) == stored
+            if not good.all():
+                bad = np.flatnonzero(~good)
+                warnings.warn(
+                    f"interaction cache {self.directory}: {len(bad)} rows fail their checksum (first: row "
+                    f"{int(bad[0])}); they are left out and their texts will be encoded again",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        elif not self.read_only:
+            # Version 1: no row checksums yet. Trust the rows once and record their sums,
+            # so from now on every open verifies them.
+            assert self._writer is not None
+            with self._writer.mutex:
+                sums_path.write_bytes(_row_sums(keys, self._disk).astype("<u8").tobytes())
+            self._write_meta()
+        rows = np.flatnonzero(good).tolist()
+        self._index = {bytes(keys[i]): i for i in rows}
 
     def close(self) -> None:
-        """Release the writer lock (the object stays readable)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Release this object's share of the writer (the object stays readable; writes are refused)."""
+        self._closed = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.release()
 
     def __del__(self) -> None:  # the lock must not outlive the object
         try:
@@ -489,18 +591,19 @@ class InteractionEmbeddingCache:
             raise ValueError(f"expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}")
         if not np.isfinite(vectors).all():
             raise ValueError("refusing to cache non-finite embeddings")
+        if self._closed:
+            raise RuntimeError(f"interaction cache {self.directory or '(memory)'} is closed: open a new "
+                               "InteractionEmbeddingCache to add vectors")
         fresh = [i for i, k in enumerate(keys) if k not in self._index]
         fresh = list({keys[i]: i for i in fresh}.values())  # one row per distinct key
         if not fresh:
             return
         new_keys = [keys[i] for i in fresh]
         new_vectors = vectors[fresh]
-        if not self.read_only:
-            assert self.directory is not None
-            with open(self.directory / _VECTORS_FILE, "ab") as fh:
-                fh.write(new_vectors.tobytes())
-            with open(self.directory / _KEYS_FILE, "ab") as fh:
-                fh.write(b"".join(new_keys))
+        if self._writer is not None:
+            key_block = b"".join(new_keys)
+            key_array = np.frombuffer(key_block, dtype=np.uint8).reshape(len(new_keys), _KEY_BYTES)
+            self._writer.append(key_block, new_vectors, _row_sums(key_array, new_vectors))
         needed = self._ram_rows + len(fresh)
         if needed > self._ram.shape[0]:
             grown = np.empty((max(needed, 2 * self._ram.shape[0]), self.dim), dtype=np.float32)
@@ -555,8 +658,8 @@ class UserProfiler:
             (e.g. a trained alignment adapter): float32 (d,) or (n, d) -> the same shape.
         batch_size: encoder batch size for new interactions.
 
-    A profiler (and its cache) is not safe to share between threads: give each
-    thread its own, or serialise calls.
+    A profiler is not safe to share between threads: give each thread its own (they may
+    all use the same cache directory: one process shares one writer), or serialise calls.
     """
 
     def __init__(
