@@ -244,7 +244,8 @@ def _dry_run(tasks: list[Any], config: Any, stage: str, prompts: Any, out: Path,
 
     async def plan() -> tuple[list[Any], int, int]:
         async with ChatClient(config) as client:
-            return JobRunner(client, stage, prompts.tag, prompts.fingerprint, cache, False).plan(
+            return JobRunner(client, stage, prompts.tag, prompts.fingerprint, cache, False,
+                             stage_fingerprint=prompts.stage_fingerprint(stage)).plan(
                 tasks, out, args.retry_failed)
 
     import asyncio
