@@ -94,6 +94,9 @@ def test_bpr_learns_planted_blocks_and_fold_in_only_touches_users_with_new_histo
     after = model.score(grown.tocsr(), users)
     assert not np.allclose(after[0], unchanged[0])
     assert np.allclose(after[1:], unchanged[1:])
+    # The grown user is scored exactly as a served request with that history (no user id).
+    top, top_scores = model.recommend(grown.tocsr()[0], k=5, exclude_seen=False)
+    assert np.allclose(top_scores, np.sort(after[0])[::-1][:5], atol=1e-5)
     again = BPR(factors=8, lr=0.05, reg=0.01, epochs=60, seed=1).fit(x)
     assert np.allclose(again.item_factors, model.item_factors)  # seeded: reproducible
 

@@ -61,8 +61,7 @@ def test_headline_is_the_fused_setting_chosen_on_validation_and_pvalues_are_holm
     assert all(p["p_value"] <= p["p_holm"] <= 1.0 for p in report["p_values"])
     assert report["protocol"]["protocol"] == split
     # The served Recommender (alpha and depth as chosen) returns exactly the lists the harness measured.
-    if first_stage != "BPR":  # a served BPR folds a new user in from the mean user
-        assert report["recommender_agreement"]["same_top10"] == 1.0
+    assert report["recommender_agreement"]["same_top10"] == 1.0
     assert all(r["persona"] and r["persona_id"] for ex in report["examples"] for r in ex["recommendations"])
 
 

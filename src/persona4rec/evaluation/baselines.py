@@ -250,8 +250,8 @@ class BPR(_Recommends):
     One epoch draws as many (user, positive, negative) triples as there are train
     interactions; users are drawn uniformly. At scoring time, users whose history has
     interactions beyond train get their factors re-fitted with the item factors frozen
-    ("fold-in", ``fold_in_epochs`` epochs over their history), so the item side never
-    sees anything but train.
+    ("fold-in", ``fold_in_epochs`` epochs over their history, from the mean user, as a
+    served request without a user id is), so the item side never sees anything but train.
     """
 
     factors: int = 64
@@ -297,25 +297,33 @@ class BPR(_Recommends):
 
     def fold_in(self, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
         """User factors for ``users`` given ``history``: the trained ones where the history
-        equals train, else re-fitted with the item factors frozen."""
+        equals train, else folded in from the history alone exactly as a served request is
+        (:meth:`score_row`: from the mean user, item side frozen, seeded per history), so the
+        harness measures what :class:`persona4rec.recommender.Recommender` serves."""
         assert self._train is not None and self.user_factors is not None
         user_f = self.user_factors[users].copy()
         sub = history[users].tocsr()
         sub.sort_indices()
         changed = np.asarray((sub != self._train[users]).sum(axis=1)).ravel() > 0
-        if changed.any():
-            rows = np.flatnonzero(changed)
-            part = sub[rows].tocsr()
-            part.sort_indices()
-            factors = user_f[rows].copy()
-            _, epoch = _bpr_kernels()
-            frozen_items = self.item_factors.copy()
-            frozen_bias = self.item_bias.copy()
-            for _ in range(self.fold_in_epochs):
-                epoch(part.indptr, part.indices, factors, frozen_items, frozen_bias,
-                      self.lr, self.reg, int(part.nnz), False)
-            user_f[rows] = factors
+        for row in np.flatnonzero(changed):
+            user_f[row] = self._fold_in_row(sub[row])
         return user_f
+
+    def _fold_in_row(self, row: sp.csr_matrix) -> np.ndarray:
+        """Factors of one history (1 x n_items) with the item side frozen, from the mean user."""
+        start = self.user_factors.mean(axis=0) if self.user_factors is not None and len(self.user_factors) else \
+            np.zeros(self.factors)
+        factors = np.ascontiguousarray(start[None, :], dtype=np.float64)
+        part = sp.csr_matrix(row)
+        part.sort_indices()
+        if part.nnz:
+            seed, epoch = _bpr_kernels()
+            seed(self.seed)  # the same history always gets the same factors
+            frozen_items, frozen_bias = self.item_factors.copy(), self.item_bias.copy()
+            for _ in range(self.fold_in_epochs):
+                epoch(part.indptr, part.indices, factors, frozen_items, frozen_bias, self.lr, self.reg,
+                      int(part.nnz), False)
+        return factors[0]
 
     def score(self, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
         assert self.item_factors is not None, "fit first"
@@ -327,22 +335,10 @@ class BPR(_Recommends):
         return self.item_factors.shape[0]
 
     def score_row(self, row: sp.csr_matrix) -> np.ndarray:
-        """Scores for a user the model never saw: factors folded in from the mean user's,
-        with the item side frozen (the same fold-in as :meth:`fold_in`)."""
+        """Scores for one history (a served request: no user id, so no trained user factors):
+        factors folded in from the mean user's with the item side frozen."""
         assert self.item_factors is not None, "fit first"
-        start = self.user_factors.mean(axis=0) if self.user_factors is not None and len(self.user_factors) else \
-            np.zeros(self.factors)
-        factors = np.ascontiguousarray(start[None, :], dtype=np.float64)
-        part = sp.csr_matrix(row)
-        part.sort_indices()
-        if part.nnz:
-            seed, epoch = _bpr_kernels()
-            seed(self.seed)  # the same history always gets the same list
-            frozen_items, frozen_bias = self.item_factors.copy(), self.item_bias.copy()
-            for _ in range(self.fold_in_epochs):
-                epoch(part.indptr, part.indices, factors, frozen_items, frozen_bias, self.lr, self.reg,
-                      int(part.nnz), False)
-        return factors[0] @ self.item_factors.T + self.item_bias
+        return self._fold_in_row(row) @ self.item_factors.T + self.item_bias
 
     def params(self) -> dict[str, Any]:
         return {"factors": self.factors, "lr": self.lr, "reg": self.reg, "epochs": self.epochs,

@@ -712,8 +712,8 @@ class Evaluation:
         self.latency_note = (f"single thread, {len(picks)} test users, includes profile building (cached review "
                              f"embeddings), scoring, history exclusion and top-10 selection over {n_items} items; "
                              "BPR user factors are precomputed (fold-in not timed) except in the Recommender row, "
-                             "which times the whole service call (first stage incl. any fold-in, rerank, "
-                             "explanations)")
+                             "which times the whole service call (first stage incl. any BPR fold-in, rerank, "
+                             "explanations of the 10 items)")
         self.recommender_agreement = self._recommender_agreement(picks)
         self._step("latency", started)
         return latency
@@ -745,8 +745,7 @@ class Evaluation:
             overlap.append(len(set(served) & set(measured)) / max(1, len(measured)))
         return {"users": len(picks), "same_top10": round(same / max(1, len(picks)), 4),
                 "mean_top10_overlap": round(float(np.mean(overlap)) if overlap else 0.0, 4),
-                "note": "Recommender.recommend vs the harness's score matrices for the headline configuration; "
-                        "a BPR first stage folds a new user in from the mean user when served, so it can differ"}
+                "note": "Recommender.recommend vs the harness's score matrices for the headline configuration"}
 
     def examples(self) -> list[dict[str, Any]]:
         """For a few test users: history, and the served top-5 (Recommender.recommend, the
