@@ -169,3 +169,15 @@ def test_cli_batch_run_killed_mid_batch_resumes_the_same_batch(tmp_path):
     assert len(fake.created) == 1 and len(fake.lines_answered) == 4
     assert "tokens paid (batch): prompt 44" in finished.stderr and "at batch prices" in finished.stderr
     assert sorted(r["key"] for r in read_jsonl(out)) == [f"I{i:03d}" for i in range(4)]
+
+
+def test_a_round_larger_than_the_batch_limit_is_split(tmp_path):
+    settings = dict(model="stub", api_key_env=None, timeout_s=2.0, max_retries=2, backoff_base_s=0.01)
+    with StubServer(lambda b, n: chat_reply(GOOD)) as s:
+        fake = BatchFake(s, lambda b, n: chat_reply(GOOD))
+        go = run_tasks(summary_tasks(items(5), PROMPTS), ClientConfig(base_url=s.base_url, **settings),
+                       tmp_path / "out.jsonl", "summary", PROMPTS, mode="batch",
+                       batch_options={**FAST_POLL, "max_batch_requests": 2})
+        summary = asyncio.run(asyncio.wait_for(go, DEADLINE_S))
+    assert summary.done == 5
+    assert [len(fake.files[b["input_file_id"]].decode().splitlines()) for b in fake.created] == [2, 2, 1]

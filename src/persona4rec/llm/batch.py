@@ -57,6 +57,9 @@ from .client import (
 
 FINAL_STATES = frozenset({"completed", "expired", "failed", "cancelled"})
 CHAT_ENDPOINT = "/v1/chat/completions"
+# OpenAI's limits per batch: 50,000 requests and a 200 MB input file; larger rounds are split.
+MAX_BATCH_REQUESTS = 50_000
+MAX_BATCH_BYTES = 190 * 1024 * 1024
 
 
 @dataclass
@@ -73,12 +76,15 @@ class BatchClient:
 
     def __init__(self, config: ClientConfig, state_path: str | Path, poll_initial_s: float = 10.0,
                  poll_max_s: float = 300.0, completion_window: str = "24h",
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, max_batch_requests: int = MAX_BATCH_REQUESTS,
+                 max_batch_bytes: int = MAX_BATCH_BYTES):
         self.config = config
         self.state_path = Path(state_path)
         self.poll_initial_s = poll_initial_s
         self.poll_max_s = poll_max_s
         self.completion_window = completion_window
+        self.max_batch_requests = max_batch_requests
+        self.max_batch_bytes = max_batch_bytes
         self.response_format = config.response_format
         api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -158,26 +164,41 @@ class BatchClient:
 
     async def _round(self) -> None:
         state = self._load_state()
-        batch = next((b for b in state["batches"] if not b.get("done")), None)
-        if batch is None:
-            requests = dict(self._waiting)
-            batch_id = await self._submit(requests)
-            batch = {"id": batch_id, "custom_ids": sorted(requests), "created": time.time()}
-            state["batches"].append(batch)
-            self._save_state(state)
-        result = await self._wait_for(batch["id"])
-        batch["done"] = True  # read once: even a fatal line below must not make every rerun read it again
-        batch["status"] = result.get("status")
-        try:
-            batch["answered"] = await self._collect(result, set(batch["custom_ids"]))
-        finally:
-            self._save_state(state)
+        in_flight = [b for b in state["batches"] if not b.get("done")]  # left by a killed run: resume them
+        if not in_flight:
+            for chunk in self._chunks():
+                batch_id = await self._submit(chunk)
+                batch = {"id": batch_id, "custom_ids": [cid for cid, _ in chunk], "created": time.time()}
+                state["batches"].append(batch)
+                in_flight.append(batch)
+                self._save_state(state)
+        for batch in in_flight:
+            result = await self._wait_for(batch["id"])
+            batch["done"] = True  # read once: even a fatal line below must not make every rerun read it again
+            batch["status"] = result.get("status")
+            try:
+                batch["answered"] = await self._collect(result, set(batch["custom_ids"]))
+            finally:
+                self._save_state(state)
 
-    async def _submit(self, requests: dict[str, _Request]) -> str:
-        lines = "".join(json.dumps({"custom_id": cid, "method": "POST", "url": CHAT_ENDPOINT, "body": r.body},
-                                   ensure_ascii=False) + "\n" for cid, r in requests.items())
+    def _chunks(self) -> list[list[tuple[str, bytes]]]:
+        """The waiting requests as JSONL lines, split to the Batch API's limits per batch."""
+        chunks: list[list[tuple[str, bytes]]] = [[]]
+        size = 0
+        for cid, request in self._waiting.items():
+            line = (json.dumps({"custom_id": cid, "method": "POST", "url": CHAT_ENDPOINT, "body": request.body},
+                               ensure_ascii=False) + "\n").encode()
+            if chunks[-1] and (len(chunks[-1]) >= self.max_batch_requests or size + len(line) > self.max_batch_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append((cid, line))
+            size += len(line)
+        return chunks
+
+    async def _submit(self, chunk: list[tuple[str, bytes]]) -> str:
+        lines = b"".join(line for _, line in chunk)
         uploaded = await self._api("POST", "files", data={"purpose": "batch"},
-                                   files={"file": ("requests.jsonl", lines.encode(), "application/jsonl")})
+                                   files={"file": ("requests.jsonl", lines, "application/jsonl")})
         created = await self._api("POST", "batches", json={"input_file_id": uploaded["id"], "endpoint": CHAT_ENDPOINT,
                                                            "completion_window": self.completion_window})
         self.batches_created += 1
