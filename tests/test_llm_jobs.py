@@ -311,3 +311,17 @@ def test_cli_quota_stop_prints_tokens_and_cost_so_far(tmp_path):
     assert result.returncode == 2
     assert "quota" in result.stderr and "tokens paid: prompt 2000, completion 200" in result.stderr
     assert "estimated cost: $0.0040" in result.stderr
+
+
+def test_a_response_format_fallback_is_reported_in_the_summary(tmp_path):
+    def responder(body, n):
+        if body.get("response_format", {}).get("type") == "json_schema":
+            return Reply(400, {"error": {"message": "Unsupported parameter: response_format.json_schema"}})
+        return chat_reply(GOOD)
+
+    with StubServer(responder) as s:
+        summary = run(s, summary_tasks(items(3), PROMPTS), tmp_path / "out.jsonl", concurrency=1)
+    assert summary.done == 3 and summary.failed_total == 0
+    assert summary.response_format_fallback == "json_schema -> json_object"
+    assert "fell back (json_schema -> json_object)" in summary.format()
+    assert len(s.requests) == 4  # one refused request, then three in the simpler format

@@ -81,6 +81,7 @@ class RunSummary:
     estimated_completion_tokens: int = 0
     stopped: str | None = None  # why the run ended early: "fatal: ..." or "deadline"
     mode: str = "online"  # "batch": tokens are billed at the Batch API's prices
+    response_format_fallback: str | None = None  # e.g. "json_schema -> json_object" when the server refused one
     pending_errors: list[str] = field(default_factory=list)
 
     # The OpenAI Batch API bills half the online price unless --prices says otherwise.
@@ -131,6 +132,9 @@ class RunSummary:
             f"{self.completion_tokens}; served from cache: prompt {self.cached_prompt_tokens}, completion "
             f"{self.cached_completion_tokens}",
         ]
+        if self.response_format_fallback:
+            lines.append(f"the server refused the requested response_format; requests fell back "
+                         f"({self.response_format_fallback}); answers were still validated against the schema")
         if self.usage_estimated_calls:
             lines.append(f"{self.usage_estimated_calls} answers came without a usage block: {self.estimated_prompt_tokens} "
                          f"prompt and {self.estimated_completion_tokens} completion tokens of the totals are estimates "
@@ -368,6 +372,9 @@ class JobRunner:
                 bar.close()
             out.close()
             cache.close()
+        used = getattr(self.client, "response_format", None)
+        if used is not None and used != self.client.config.response_format:
+            summary.response_format_fallback = f"{self.client.config.response_format} -> {used}"
         if fatal or summary.stopped:
             summary.pending = len(pending) - summary.done  # the cancelled ones and those never started
         if fatal:

@@ -7,8 +7,10 @@ function that turns a model answer into the stage's record fields or raises
 a :class:`~persona4rec.llm.jobs.JobRunner`.
 
 Leakage: every stage that reads reviews takes ``exclude_review_ids``; excluded
-reviews never reach a prompt, and persona records list the ``review_ids`` whose
-aspects they were built from, so a split can be audited afterwards.
+reviews never reach a prompt, and every record lists the ``review_ids`` whose content
+reached its prompt, so a split can be audited afterwards (``persona4rec evaluate
+--personas`` does). The command line refuses to run these stages without a guard
+(``--exclude-review-ids``, ``--split`` or ``--allow-heldout``; see :mod:`.cli`).
 """
 
 from __future__ import annotations
