@@ -249,9 +249,10 @@ class BPR(_Recommends):
 
     One epoch draws as many (user, positive, negative) triples as there are train
     interactions; users are drawn uniformly. At scoring time, users whose history has
-    interactions beyond train get their factors re-fitted with the item factors frozen
-    ("fold-in", ``fold_in_epochs`` epochs over their history, from the mean user, as a
-    served request without a user id is), so the item side never sees anything but train.
+    user is folded in from their history with the item factors frozen ("fold-in",
+    ``fold_in_epochs`` epochs over the history, from the mean user, as a served request
+    without a user id is), so the item side never sees anything but train and the trained
+    per-user factors serve only as the starting point's mean.
     """
 
     factors: int = 64
@@ -296,18 +297,16 @@ class BPR(_Recommends):
         return self
 
     def fold_in(self, history: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
-        """User factors for ``users`` given ``history``: the trained ones where the history
-        equals train, else folded in from the history alone exactly as a served request is
-        (:meth:`score_row`: from the mean user, item side frozen, seeded per history), so the
-        harness measures what :class:`persona4rec.recommender.Recommender` serves."""
-        assert self._train is not None and self.user_factors is not None
-        user_f = self.user_factors[users].copy()
+        """User factors for ``users`` from their ``history`` rows alone, exactly as a served
+        request is scored (:meth:`score_row`: from the mean user, item side frozen, seeded
+        per history): a service answers a history, not a user id, so the trained per-user
+        factors are not used, and the harness measures what
+        :class:`persona4rec.recommender.Recommender` serves."""
+        assert self.user_factors is not None, "fit first"
         sub = history[users].tocsr()
         sub.sort_indices()
-        changed = np.asarray((sub != self._train[users]).sum(axis=1)).ravel() > 0
-        for row in np.flatnonzero(changed):
-            user_f[row] = self._fold_in_row(sub[row])
-        return user_f
+        return np.stack([self._fold_in_row(sub[row]) for row in range(len(users))]) if len(users) else \
+            np.zeros((0, self.factors))
 
     def _fold_in_row(self, row: sp.csr_matrix) -> np.ndarray:
         """Factors of one history (1 x n_items) with the item side frozen, from the mean user."""

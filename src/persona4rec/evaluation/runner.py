@@ -21,6 +21,7 @@ their target there).
 
 from __future__ import annotations
 
+import copy
 import html
 import os
 import time
@@ -465,10 +466,12 @@ class Evaluation:
                 valid = self._evaluate_scores(model.score, "valid")
                 value = ndcg_at(ranks_from_scores(valid, d.valid_targets), 10).mean()
                 if best is None or value > best[0]:
-                    best = (value, {**params, "epochs": epoch}, None, valid)
-        # Refit the chosen configuration (same seed, same epoch count: the same model).
-        model = bl.BPR(seed=self.config.seed, **best[1]).fit(d.train_matrix)
-        self._record_cf("BPR", (best[0], best[1], model, best[3]))
+                    # Keep the evaluated weights themselves: scoring folds users in with the shared
+                    # numba RNG, so a refit with the same seed would not reproduce this model.
+                    kept = copy.deepcopy(model)
+                    kept.epochs = epoch
+                    best = (value, {**params, "epochs": epoch}, kept, valid)
+        self._record_cf("BPR", best)
         self._step(f"BPR (grid of {len(self.config.bpr_grid)} x {self.config.bpr_max_epochs // BPR_EVAL_EVERY} "
                    "epoch counts)", started)
         order = ["popularity", "ItemKNN", "EASE", "BPR"]
