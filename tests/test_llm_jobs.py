@@ -264,8 +264,9 @@ def test_quota_mid_run_cancels_the_calls_in_flight_and_keeps_the_token_counts(tm
     with StubServer(responder) as s:
         with pytest.raises(FatalLLMError, match="quota") as info:
             # Before the fix the stop waited for every request in flight (25 s here): the bound catches that.
+            # (timeout_s 30: nothing but the stop may end the hung calls)
             asyncio.run(asyncio.wait_for(asyncio.to_thread(run, s, summary_tasks(items(20), PROMPTS), out,
-                                                           concurrency=4), 10))
+                                                           concurrency=4, timeout_s=30.0), 10))
         time.sleep(0.2)
         hung_up = s.disconnected_while_waiting
     summary = info.value.summary
