@@ -388,6 +388,8 @@ def test_persona_count_follows_the_items_reviews_even_when_aspect_calls_failed()
     reviews = [r for r in make_reviews() if r["item_id"] == "I0"][:3]
     records = [aspect_record(reviews[0])] + [
         {**aspect_record(r), "status": "failed", "aspects": None} for r in reviews[1:]]
+    [without_texts] = persona_tasks(records, prompts)
+    assert without_texts.schema["properties"]["personas"]["minItems"] == 2  # was exactly 1 before the fix
     [task] = persona_tasks(records, prompts, reviews=reviews)
     assert task.schema["properties"]["personas"]["minItems"] == 2
     assert "between 2 and 3 personas" in task.messages[1]["content"]
