@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,8 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.llm_server
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 READY_TIMEOUT_S = 180
@@ -44,42 +43,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
+class LocalServer:
+    """A started ``llama_cpp.server`` process: its URL, and a check that it is still alive."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, url: str) -> None:
+        self.proc, self.log, self.url = proc, log, url
+
+    def check_alive(self, during: str) -> None:
+        """Fails the test with the exit status (a signal by name) and the log's tail when the process
+        is gone: a dead server otherwise shows up only as records that never came."""
+        code = self.proc.poll()
+        if code is None:
+            return
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        hint = (" (a crash on the first decode is what a llama.cpp built for another CPU does: "
+                "scripts/bootstrap.sh builds it without native tuning)" if code < 0 else "")
+        pytest.fail(f"llama_cpp.server {how} during {during}{hint}; last lines of {self.log}:\n"
+                    f"{self.log.read_text(errors='replace')[-3000:]}", pytrace=False)
+
+
+def start_server(command: list[str], log: Path, port: int, ready_timeout_s: float) -> LocalServer:
     import httpx
 
+    # One thread and passive OpenMP waits: on a busy 2-core runner, two spinning OpenMP threads made
+    # generation 30x slower (1.2 s instead of 37 ms per token).
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server = LocalServer(proc, log, f"http://127.0.0.1:{port}/v1")
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while True:
+            server.check_alive("start-up")
+            try:
+                if httpx.get(f"{server.url}/models", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server not ready after {ready_timeout_s} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        stop_server(server)
+        raise
+
+
+def stop_server(server: LocalServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait(15)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
     path = model_path()
     port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", "4096", "--n_threads", "1", "--n_threads_batch", "1",
                "--verbose", "False"]
-    # One thread and passive OpenMP waits: on a busy 2-core runner, two spinning OpenMP threads made
-    # generation 30x slower (1.2 s instead of 37 ms per token).
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server = start_server(command, log, port, READY_TIMEOUT_S)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        stop_server(server)
 
 
 def check_records(records: list[dict], keys: set[str], validate_ok) -> None:
@@ -92,6 +122,7 @@ def check_records(records: list[dict], keys: set[str], validate_ok) -> None:
         assert r["usage"]["completion_tokens"] > 0 and r["attempts"]
 
 
+@pytest.mark.llm_server
 def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_path):
     from persona4rec.llm.client import ClientConfig
     from persona4rec.llm.inputs import load_items, load_reviews
@@ -116,7 +147,7 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
     for item_id in chosen:  # two short reviews per item keep the run small
         reviews += [r for r in all_reviews if r["item_id"] == item_id and 0 < len(r["text"]) < 600][:2]
     prompts = load_prompt_set("product")
-    cfg = ClientConfig(base_url=llama_server, model="smollm2-135m", api_key_env=None, max_tokens=400,
+    cfg = ClientConfig(base_url=llama_server.url, model="smollm2-135m", api_key_env=None, max_tokens=400,
                        temperature=0.0, seed=0, response_format="json_object_schema", concurrency=1, timeout_s=120,
                        max_retries=1)
 
@@ -127,7 +158,9 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
         start = time.monotonic()
         asyncio.run(asyncio.wait_for(run_tasks(tasks, cfg, out, stage, prompts), STAGE_TIMEOUT_S))
         seconds[name] = round(time.monotonic() - start, 1)
+        llama_server.check_alive(f"the {name} stage")
         records = read_jsonl(out) if out.exists() else []
+        assert records, f"the {name} stage wrote no records for {len(tasks)} tasks (server still running)"
         for r in records:
             if r["status"] == "failed":
                 print(f"\n{name} {r['key']} failed: {r['error']}")
@@ -162,3 +195,15 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
                                  ("selection", selections)]}
     print(f"\nSmolLM2-135M, ok/total per stage: {counts}; seconds per stage: {seconds}; "
           f"{elapsed:.1f} s for the four stages")
+
+
+def test_a_server_that_dies_fails_with_its_signal_and_log(tmp_path):
+    """The injected fault: a stand-in server that prints a line and then segfaults, as the natively built
+    llama.cpp did on an AMX machine. Needs nothing installed, so it runs even where the real one skips."""
+    port = free_port()
+    crash = "import os, signal; print('loading model', flush=True); os.kill(os.getpid(), signal.SIGSEGV)"
+    with pytest.raises(pytest.fail.Exception) as failure:
+        start_server([sys.executable, "-c", crash], tmp_path / "server.log", port, ready_timeout_s=30)
+    message = str(failure.value)
+    assert "killed by SIGSEGV during start-up" in message
+    assert "without native tuning" in message and "loading model" in message
