@@ -10,7 +10,9 @@ if [ -z "${PERSONA4REC_SHARED:-}" ] && [ -d ../shared ]; then
   export PERSONA4REC_SHARED="$(cd ../shared && pwd)"
 fi
 python -m pytest -p no:cacheprovider --rootdir=. -c pyproject.toml tests "$@"
-# CI also runs the native core's tests once under AddressSanitizer + UBSan.
+# CI also runs the native core's tests once under AddressSanitizer + UBSan, and builds, repairs
+# and tests the manylinux wheel (and the sdist it is built from) on a PATH with no compiler.
 if [ "${CI:-}" = "true" ]; then
   bash scripts/sanitize.sh
+  bash scripts/wheel.sh
 fi
