@@ -427,7 +427,7 @@ def test_a_minus_128_code_is_refused_even_without_verification(tmp_path, verify)
     e = section(meta, "codes")
     data[e["offset"] + 16 * 3 + 5] = 0x80  # row 3
     rewrite(path, data, meta)
-    with pytest.raises(IndexFormatError, match="'codes' holds -128 at row 3"):
+    with pytest.raises(IndexFormatError, match="section 'codes': codes row 3 holds -128"):
         PersonaIndex.load(path, verify=verify)
 
 

@@ -42,7 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from persona4rec._core import checksum64, checksum64_v1, find_int8_min
+from persona4rec._core import (
+    MaxSimIndex,
+    checksum64,
+    checksum64_v1,
+    find_duplicate_int,
+    find_duplicate_string,
+)
 
 MAGIC = b"P4RINDEX"
 FORMAT_VERSION = 2
@@ -459,26 +465,27 @@ def _load(path: Path, *, mmap: bool, verify: bool) -> dict:
     _expect(bool(np.all(np.isfinite(scales))) and not np.any(scales < 0), path,
             "the scales section holds negative or non-finite values")
     codes = arrays["codes"]
-    bad = find_int8_min(codes)
-    if bad >= 0:
-        dim = codes.shape[1]
-        raise _fail(path, f"section 'codes' holds -128 at row {bad // dim} (codes must lie in [-127, 127])")
     removed = arrays["removed"]
     _expect(not np.any(removed > 1), path, "the removed mask holds values other than 0 and 1")
+    try:
+        # Validates offsets, scales and codes in [-127, 127] (always, verify or not: a
+        # -128 code breaks the exact SIMD paths), in one native pass.
+        core = MaxSimIndex(codes, scales, offsets)
+    except ValueError as e:
+        raise _fail(path, f"section 'codes': {e}") from None
 
     if id_kind == "str":
         ids: Any = _string_column(path, arrays, "ids", n_items)
+        dup = find_duplicate_string(ids.data, ids.offsets, removed)
     else:
         ids = arrays.get("ids")
         _expect(ids is not None, path, "section 'ids' is missing")
-    keys = ids.to_list() if id_kind == "str" else ids.tolist()
-    # Removed items keep their slot; a re-added id is a new item with the same id, and
-    # the newest live one is the one the map points at.
-    live = keys if not removed.any() else [k for k, r in zip(keys, removed.tolist()) if not r]
-    if len(set(live)) != len(live):
-        seen: set = set()
-        dup = next(k for k in live if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _fail(path, f"section 'ids' holds the live item id {dup!r} twice")
+        dup = find_duplicate_int(ids, removed)
+    # Removed items keep their slot; a re-added id is a new item with the same id: only
+    # live ids must be unique.
+    if dup >= 0:
+        value = ids[dup] if id_kind == "str" else int(ids[dup])
+        raise _fail(path, f"section 'ids' holds the live item id {value!r} twice (again at item {dup})")
     texts = None
     if meta.get("has_texts"):
         texts = {f: _string_column(path, arrays, f"text.{f}", n_personas) for f in _TEXT_FIELDS}
@@ -498,7 +505,7 @@ def _load(path: Path, *, mmap: bool, verify: bool) -> dict:
         "offsets": offsets,
         "removed": removed if removed.any() else None,
         "ids": ids,
-        "id_keys": keys,
+        "core": core,
         "id_kind": id_kind,
         "texts": texts,
         "encoder": meta.get("encoder"),

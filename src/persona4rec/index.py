@@ -841,12 +841,7 @@ class PersonaIndex:
         Raises :class:`persona4rec.IndexFormatError` (a ``ValueError``) naming the problem for
         a truncated, corrupted or version-mismatched file.
         """
-        path = Path(path)
-        parts = _persist.load_index(path, mmap=mmap, verify=verify)
-        try:
-            core = MaxSimIndex(parts["codes"], parts["scales"], parts["offsets"])
-        except ValueError as e:  # the loader checks the same facts; kept as a backstop
-            raise _persist.IndexFormatError(f"{path}: {e}") from None
+        parts = _persist.load_index(Path(path), mmap=mmap, verify=verify)
         ann = None
         if parts["ann"] is not None:
             from persona4rec._ann import PersonaGraph
@@ -855,7 +850,7 @@ class PersonaIndex:
                                              parts["scales"], source=parts["ann"]["source"])
         ids = parts["ids"]
         snap = _Snapshot(codes=parts["codes"], scales=parts["scales"], offsets=parts["offsets"], ids=ids,
-                         id_kind=parts["id_kind"], id_to_index=_IdMap(ids, parts["id_kind"], keys=parts["id_keys"]),
+                         id_kind=parts["id_kind"], id_to_index=_IdMap(ids, parts["id_kind"]),
                          texts=parts["texts"], removed=parts["removed"], ann=ann, encoder=parts["encoder"],
-                         core=core)
+                         core=parts["core"])
         return cls(snap)
