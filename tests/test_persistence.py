@@ -665,3 +665,31 @@ def test_a_published_snapshot_never_sees_ids_added_after_it():
         assert before.id_to_index.lookup_many([new_id])[0] == -1
         assert new_id not in before.id_to_index.mapping()
         assert index._snap.id_to_index.lookup_many([new_id])[0] == 2
+
+
+def test_duplicate_string_ids_are_refused_but_a_re_added_removed_id_loads(tmp_path):
+    from persona4rec._core import find_duplicate_int, find_duplicate_string
+    from persona4rec._persist import StringColumn
+
+    col = StringColumn.from_list(["a", "bb", "c", "bb", "a"])
+    assert find_duplicate_string(col.data, col.offsets) == 3
+    assert find_duplicate_string(col.data, col.offsets, np.array([0, 1, 0, 0, 0], np.uint8)) == 4
+    assert find_duplicate_string(col.data, col.offsets, np.array([0, 1, 0, 0, 1], np.uint8)) == -1
+    assert find_duplicate_int(np.array([5, 1, 2, 1, 5], np.int64)) == 3
+
+    rng = np.random.default_rng(0)
+    index = PersonaIndex.build(["a", "b"], unit_rows(rng, 2, 4), [0, 1, 2])
+    index.remove_items(["a"])
+    again = unit_rows(rng, 1, 4)
+    index.add_items(["a"], again, [0, 1])
+    path = tmp_path / "readd.p4r"
+    index.save(path)
+    loaded = PersonaIndex.load(path)
+    assert loaded.item_ids == ["b", "a"] and loaded.explain(again[0], "a")[0].row == 2
+
+    data, meta, _ = read_layout(path)
+    e = section(meta, "removed")
+    data[e["offset"]] = 0  # the old "a" is live again: two live items named "a"
+    rewrite(path, data, meta)
+    with pytest.raises(IndexFormatError, match="'ids' holds the live item id 'a' twice"):
+        PersonaIndex.load(path)
