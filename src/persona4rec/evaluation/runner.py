@@ -45,6 +45,7 @@ from persona4rec.data import (
     temporal_split,
 )
 from persona4rec.evaluation import baselines as bl
+from persona4rec.evaluation.choices import PhaseData, choose_alpha, choose_cf
 from persona4rec.evaluation.candidates import candidate_lists, ceiling, exclude_history, fuse, fused_rerank, rerank
 from persona4rec.evaluation.metrics import DEFAULT_CUTOFFS, ranks_from_lists, ranks_from_scores
 from persona4rec.evaluation.metrics import ndcg as ndcg_at
@@ -140,6 +141,13 @@ class Prepared:
     def history_matrix(self, phase: str) -> sp.csr_matrix:
         """What is known when ranking for ``phase``: train, or train + the validation period."""
         return self.train_matrix if phase == "valid" else self.test_history
+
+    def phase(self, phase: str) -> PhaseData:
+        """Users, known history and targets of ``phase`` ("valid" or "test")."""
+        if phase not in ("valid", "test"):
+            raise ValueError(f"phase must be 'valid' or 'test', got {phase!r}")
+        return PhaseData(self.users(phase), self.history_matrix(phase),
+                         self.valid_targets if phase == "valid" else self.test_targets)
 
     def item_title(self, item: int) -> str:
         item_id = self.item_ids[item]
@@ -448,14 +456,8 @@ class Evaluation:
         ]
         for name, grid, make in candidates:
             started = time.perf_counter()
-            best = None
-            for params in grid:
-                model = make(**params).fit(d.train_matrix)
-                valid = self._evaluate_scores(model.score, "valid")
-                value = ndcg_at(ranks_from_scores(valid, d.valid_targets), 10).mean()
-                if best is None or value > best[0]:
-                    best = (value, params, model, valid)
-            self._record_cf(name, best)
+            chosen = choose_cf(make, grid, d.train_matrix, d.phase("valid"))
+            self._record_cf(name, (chosen.valid_ndcg, chosen.params, chosen.model, chosen.valid_scores))
             self._step(f"{name} (grid of {len(grid)} on validation)", started)
         started = time.perf_counter()
         best = None
@@ -634,13 +636,8 @@ class Evaluation:
 
     def _choose_alpha(self, make: Callable[[float, str], np.ndarray], lists: bool) -> tuple[float, dict[str, float]]:
         targets = self.data.valid_targets
-        curve = {}
-        for a in self.config.alpha_grid:
-            out = make(a, "valid")
-            ranks = ranks_from_lists(out, targets) if lists else ranks_from_scores(out, targets)
-            curve[f"{a:.2f}"] = round(float(ndcg_at(ranks, 10).mean()), 5)
-        best = max(self.config.alpha_grid, key=lambda a: (curve[f"{a:.2f}"], -a))
-        return float(best), curve
+        to_ranks = ranks_from_lists if lists else ranks_from_scores
+        return choose_alpha(lambda a: to_ranks(make(a, "valid"), targets), self.config.alpha_grid)
 
     # ----------------------------------------------------------------- latency
     def measure_latency(self) -> dict[str, dict[str, float]]:

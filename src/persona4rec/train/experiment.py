@@ -156,63 +156,45 @@ def validation_selection(ev, kind: str) -> HeldOutSelection:
     return HeldOutSelection(ev.valid_profiles, d.review_item[rows], pos)
 
 
-def _phase(ev, phase: str):
-    d = ev.data
-    if phase == "valid":
-        return ev.valid_profiles, d.train_matrix, d.valid_targets
-    if phase == "test":
-        return ev.test_profiles, d.test_history, d.test_targets
-    raise ValueError(f"phase must be 'valid' or 'test', got {phase!r}")
-
-
 def score_phase(ev, personas, adapter: Adapter, phase: str) -> np.ndarray:
-    """(users, items) max-sim scores through PersonaIndex, adapter on both sides, history -inf."""
+    """(users, items) max-sim scores through PersonaIndex, adapter on both sides, history -inf
+    (the phase's users and known history as the harness defines them, in either protocol)."""
     from persona4rec.evaluation.runner import index_scores, make_index
 
-    profiles, history, _ = _phase(ev, phase)
+    data = ev.data.phase(phase)
+    profiles = ev.valid_profiles if phase == "valid" else ev.test_profiles
     mapped = replace(personas, vectors=adapter.apply_persona(personas.vectors)) if adapter.has_persona_map else personas
-    return index_scores(make_index(mapped), adapter.apply(profiles), history, ev.data.eval_users)
+    return index_scores(make_index(mapped), adapter.apply(profiles), data.history, data.users)
 
 
 def rank_phase(ev, personas, adapter: Adapter, phase: str) -> np.ndarray:
     """Ranks of the phase's targets under full ranking with the adapter applied on both sides."""
     from persona4rec.evaluation.metrics import ranks_from_scores
 
-    _, _, targets = _phase(ev, phase)
-    return ranks_from_scores(score_phase(ev, personas, adapter, phase), targets)
+    return ranks_from_scores(score_phase(ev, personas, adapter, phase), ev.data.phase(phase).targets)
 
 
 def ease_scores(ev) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """EASE scores (history -inf) for both phases, its l2 chosen on validation NDCG@10 (the harness's grid)."""
+    """EASE scores (history -inf) for both phases, its l2 chosen on validation NDCG@10 by the
+    harness's own choice (:func:`persona4rec.evaluation.choices.choose_cf`, the harness's grid)."""
     from persona4rec.evaluation import baselines as bl
-    from persona4rec.evaluation.candidates import exclude_history
-    from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
+    from persona4rec.evaluation.choices import choose_cf
     from persona4rec.evaluation.runner import EASE_GRID
 
     d = ev.data
     grid = getattr(ev.config, "ease_grid", None) or EASE_GRID
-    best = None
-    for params in grid:
-        model = bl.EASE(**params).fit(d.train_matrix)
-        valid = exclude_history(model.score(d.train_matrix, d.eval_users), d.train_matrix, d.eval_users)
-        value = float(ndcg(ranks_from_scores(valid, d.valid_targets), 10).mean())
-        if best is None or value > best[0]:
-            best = (value, params, model, valid)
-    value, params, model, valid = best
-    test = exclude_history(model.score(d.test_history, d.eval_users), d.test_history, d.eval_users)
-    return {"valid": valid, "test": test}, {"params": dict(params), "val_NDCG@10": value}
+    chosen = choose_cf(bl.EASE, grid, d.train_matrix, d.phase("valid"), d.phase("test"))
+    return ({"valid": chosen.valid_scores, "test": chosen.test_scores},
+            {"params": chosen.params, "val_NDCG@10": chosen.valid_ndcg})
 
 
 def choose_alpha(text_valid: np.ndarray, base_valid: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, float]]:
-    """The fusion weight with the best validation NDCG@10 (ties: the smaller alpha), and the curve."""
-    from persona4rec.evaluation.candidates import fuse
-    from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
+    """The fusion weight with the best validation NDCG@10 (ties: the smaller alpha), and the
+    curve: the harness's choice (:func:`persona4rec.evaluation.choices.choose_full_fusion_alpha`)."""
+    from persona4rec.evaluation.choices import choose_full_fusion_alpha
     from persona4rec.evaluation.runner import ALPHA_GRID
 
-    curve = {f"{a:.2f}": float(ndcg(ranks_from_scores(fuse(text_valid, base_valid, a), targets), 10).mean())
-             for a in ALPHA_GRID}
-    best = max(ALPHA_GRID, key=lambda a: (curve[f"{a:.2f}"], -a))
-    return float(best), curve
+    return choose_full_fusion_alpha(text_valid, base_valid, targets, ALPHA_GRID)
 
 
 def run_experiment(ev, *, persona_kind: str = "extractive", config: AdapterConfig | None = None,
@@ -491,7 +473,7 @@ class TowerScorer:
                                              self.data.personas.offsets))
         ps = replace(self.data.personas, vectors=personas)
         d = self.ev.data
-        scores = index_scores(make_index(ps), profiles, d.train_matrix, d.eval_users)
+        scores = index_scores(make_index(ps), profiles, d.train_matrix, d.valid_users)
         return float(ndcg(ranks_from_scores(scores, d.valid_targets), 10).mean())
 
     def selection_accuracy(self) -> tuple[float, int, float]:
