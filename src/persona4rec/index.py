@@ -828,15 +828,17 @@ class PersonaIndex:
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
-        """Write the index atomically (temp file, fsync, rename) in the versioned binary
-        format of :mod:`persona4rec._persist`; an ANN graph goes to ``path + '.hnsw'``."""
+        """Write the index, its ANN graph included, as one file, atomically (temp file,
+        fsync, rename, directory fsync), in the versioned binary format of
+        :mod:`persona4rec._persist`: a kill at any point leaves the old or the new file."""
         _persist.save_index(self._snap, Path(path))
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True, *, verify: bool = True) -> "PersonaIndex":
         """Open a saved index. ``mmap=True`` maps the vectors read-only without copying,
         so worker processes share one copy in the page cache. ``verify=False`` skips the
-        checksum of the vector payload (the header and small sections are always checked).
+        checksum of the vector payload (everything else is always checked, the codes' range
+        included).
 
         Raises :class:`persona4rec.IndexFormatError` (a ``ValueError``) naming the problem for
         a truncated, corrupted or version-mismatched file.
