@@ -174,12 +174,18 @@ def _build_tasks(args: argparse.Namespace, prompts: Any) -> list[Any]:
         tasks = stages.summary_tasks(items.values(), prompts)
     elif args.stage == "personas":
         reviews = inputs.load_reviews(args.reviews) if args.reviews else None
+        if reviews is None:
+            print("llm personas: no --reviews: the prompts show each review's rating and aspects only, not its "
+                  "title and text (the paper's input has them)", file=sys.stderr)
         tasks = stages.persona_tasks(read_jsonl(args.aspects), prompts, summaries, items, excluded,
                                      args.max_reviews_per_item, reviews, args.review_text_tokens)
     else:
         requests = stages.selection_requests(inputs.load_reviews(args.reviews), excluded, args.history_size,
                                              args.targets_per_user)
         aspects = read_jsonl(args.aspects) if args.aspects else None
+        if aspects is None:
+            print("llm select: no --aspects: the judge sees the user's history without what their own reviews "
+                  "valued (the paper's input has it)", file=sys.stderr)
         tasks = stages.selection_tasks(requests, read_jsonl(args.personas), prompts, summaries, items,
                                        args.like_threshold, aspects)
     if guard is not None:
