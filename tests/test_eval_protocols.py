@@ -116,3 +116,14 @@ def test_calibrated_persona_scores_do_not_grow_with_persona_count() -> None:
     assert soft["valid"]["NDCG@10"] == pytest.approx(max(curve.values()), abs=1e-5)
     groups = report["by_persona_count"]["by_target_persona_count"]
     assert sum(g["users"] for g in groups.values()) == len(evaluation.data.test_targets)
+
+
+def test_persona_count_is_chosen_on_validation() -> None:
+    report, evaluation = run("temporal", spread_reviews(4, users=80, items=40, per_user=7, skew=True))
+    choice = report["choices"]["persona_count"]
+    curve = {int(k): v for k, v in choice["valid_ndcg@10_by_max_personas"].items()}
+    assert choice["chosen_on_validation"] and set(curve) == {1, 2, 3, 5, 8}
+    best = max(curve, key=lambda n: (curve[n], -n))
+    assert choice["max_personas"] == best == evaluation.personas.params["max_personas"]
+    persona = next(m for m in report["methods"] if m["method"] == "persona max-sim")
+    assert persona["valid"]["NDCG@10"] == pytest.approx(curve[best], abs=1e-5)

@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--tie-break", choices=["random", "file"], default="random",
                    help="order of same-timestamp reviews in the split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tie-break, k-means, BPR and bootstrap")
-    p.add_argument("--max-personas", type=int, default=5, help="personas per item at most (default: %(default)s)")
+    p.add_argument("--max-personas", type=int, default=None,
+                   help="personas per item at most; default: chosen on validation from 1, 2, 3, 5, 8")
     p.add_argument("--reviews-per-persona", type=int, default=2,
                    help="an item with n train reviews gets n // this many personas (default: %(default)s)")
     p.add_argument("--personas", default=None, metavar="FILE",
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     config = EvaluationConfig(dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                               valid_share=args.valid_share, test_share=args.test_share,
                               tie_break=args.tie_break, seed=args.seed,
-                              max_personas=args.max_personas, reviews_per_persona=args.reviews_per_persona,
+                              **({"max_personas": args.max_personas, "max_personas_grid": ()}
+                                 if args.max_personas is not None else {}),
+                              reviews_per_persona=args.reviews_per_persona,
                               persona_file=args.personas, trust_personas=args.trust_personas,
                               adapter_file=args.adapter)
     try:

@@ -93,6 +93,8 @@ class EvaluationConfig:
     k_core: int = 5
     max_personas: int = 5
     reviews_per_persona: int = 2
+    # Persona counts tried on validation (persona max-sim, full ranking); () keeps max_personas.
+    max_personas_grid: tuple[int, ...] = (1, 2, 3, 5, 8)
     profile_gamma: float = DEFAULT_GAMMA
     profile_k: int = DEFAULT_K
     candidate_sizes: tuple[int, ...] = (20, 50, 100)
@@ -428,6 +430,36 @@ class Evaluation:
         self.profile_fallbacks = int(len(batch.empty_positions))
         return self.adapter.apply(out) if adapted and self.adapter is not None else out
 
+    def choose_persona_count(self) -> int:
+        """Choose ``max_personas`` from ``config.max_personas_grid`` on validation NDCG@10 of
+        persona max-sim (full ranking; ties: fewer personas) and rebuild the extractive
+        personas with it. Skipped (the configured count stays) with LLM personas from a file
+        or an empty grid."""
+        c, d = self.config, self.data
+        grid = tuple(sorted(set(c.max_personas_grid)))
+        if not grid or c.persona_file:
+            self.choices["persona_count"] = {"max_personas": c.max_personas, "chosen_on_validation": False}
+            return c.max_personas
+        started = time.perf_counter()
+        train = d.split.train
+        valid = d.phase("valid")
+        curve, sets = {}, {}
+        for count in grid:
+            personas = self._personas(train, count, c.reviews_per_persona)
+            if self.adapter is not None and self.adapter.has_persona_map:
+                personas = replace(personas, vectors=self.adapter.apply_persona(personas.vectors))
+            scores = index_scores(make_index(personas), self.valid_profiles, valid.history, valid.users)
+            curve[str(count)] = round(float(ndcg_at(ranks_from_scores(scores, valid.targets), 10).mean()), 5)
+            sets[count] = personas
+        best = max(grid, key=lambda n: (curve[str(n)], -n))
+        self.personas = sets[best]
+        self.choices["persona_count"] = {"max_personas": best, "chosen_on_validation": True,
+                                         "reviews_per_persona": c.reviews_per_persona,
+                                         "valid_ndcg@10_by_max_personas": curve,
+                                         "personas": {str(n): sets[n].n_personas for n in grid}}
+        self._step(f"persona count (grid of {len(grid)} on validation): {best}", started)
+        return best
+
     def build_indexes(self) -> None:
         started = time.perf_counter()
         self.persona_index = make_index(self.personas)
@@ -507,7 +539,8 @@ class Evaluation:
                 self.text_scores.setdefault(name, {})[phase] = scores
         params = {"dense single-vector": {"item": "mean of train review embeddings"},
                   "persona max-sim": {"source": self.personas.params.get("method"),
-                                      "max_personas": self.config.max_personas,
+                                      "max_personas": self.personas.params.get("max_personas",
+                                                                              self.config.max_personas),
                                       "reviews_per_persona": self.config.reviews_per_persona,
                                       "n_personas": self.personas.n_personas},
                   "review max-sim": {"n_personas": self.review_personas.n_personas}}
@@ -890,6 +923,7 @@ class Evaluation:
         self.encode_texts()
         self.build_item_side()
         self.build_profiles()
+        self.choose_persona_count()
         self.build_indexes()
         self.fit_baselines()
         self.score_text()
