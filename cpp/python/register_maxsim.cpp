@@ -138,7 +138,7 @@ class MaxSimIndex {
     int64_t* op = persona.mutable_data();
     {
       py::gil_scoped_release release;
-      topk_catalog(m_, active_dot_rows(), q.batch, std::size_t(k), mode, lists, mask,
+      topk_catalog(m_, active_dot_rows(), active_dot_tile(), q.batch, std::size_t(k), mode, lists, mask,
                    std::size_t(n_threads), oi, os, op);
     }
     return py::make_tuple(items, scores, persona);

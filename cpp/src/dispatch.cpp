@@ -130,6 +130,19 @@ DotRowsFn dot_rows_for(SimdPath p) {
   }
 }
 
+DotTileFn dot_tile_for(SimdPath p) {
+  switch (p) {
+#if defined(P4R_HAVE_X86)
+    case SimdPath::avx2: return &dot_tile_avx2;
+    case SimdPath::avx512vnni: return &dot_tile_avx512vnni;
+#endif
+#if defined(P4R_HAVE_NEON)
+    case SimdPath::neon: return &dot_tile_neon;
+#endif
+    default: return &dot_tile_scalar;
+  }
+}
+
 SimdPath active_path() {
   init_active();
   return SimdPath(g_active.load(std::memory_order_relaxed));
@@ -145,6 +158,8 @@ void set_active_path(SimdPath p) {
 }
 
 DotRowsFn active_dot_rows() { return dot_rows_for(active_path()); }
+
+DotTileFn active_dot_tile() { return dot_tile_for(active_path()); }
 
 const char* active_path_source() {
   init_active();

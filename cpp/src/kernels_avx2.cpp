@@ -80,4 +80,71 @@ void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
   }
 }
 
+namespace {
+
+// Four int32 vectors -> their four horizontal sums (one 128-bit vector), together.
+inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// Two queries x four rows per register tile: each 32-byte step loads four rows and two
+// query slices once for eight products.
+void tile2(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::size_t d,
+           int32_t* out, std::size_t stride) {
+  const int8_t* q0 = qs[0].codes;
+  const int8_t* q1 = qs[1].codes;
+  const std::size_t body = d & ~std::size_t(31);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const std::size_t group_bytes = 4 * d;
+  const int8_t* end = rows + n_rows * d;
+  std::size_t r = 0;
+  for (; r + 4 <= n_rows; r += 4) {
+    const int8_t* ahead = rows + r * d + P4R_PREFETCH_GROUPS * group_bytes;
+    for (std::size_t off = 0; off < group_bytes && ahead + off < end; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+    const int8_t* v0 = rows + (r + 0) * d;
+    const int8_t* v1 = rows + (r + 1) * d;
+    const int8_t* v2 = rows + (r + 2) * d;
+    const int8_t* v3 = rows + (r + 3) * d;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (std::size_t j = 0; j < body; j += 32) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j));
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v2 + j));
+      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v3 + j));
+      const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + j));
+      const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + j));
+      const __m256i aa = _mm256_abs_epi8(qa), ab = _mm256_abs_epi8(qb);
+      a0 = madd_step(a0, aa, qa, x0, ones16);
+      a1 = madd_step(a1, aa, qa, x1, ones16);
+      a2 = madd_step(a2, aa, qa, x2, ones16);
+      a3 = madd_step(a3, aa, qa, x3, ones16);
+      b0 = madd_step(b0, ab, qb, x0, ones16);
+      b1 = madd_step(b1, ab, qb, x1, ones16);
+      b2 = madd_step(b2, ab, qb, x2, ones16);
+      b3 = madd_step(b3, ab, qb, x3, ones16);
+    }
+    alignas(16) int32_t sa[4], sb[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sa), hsum4(a0, a1, a2, a3));
+    _mm_store_si128(reinterpret_cast<__m128i*>(sb), hsum4(b0, b1, b2, b3));
+    const int8_t* v[4] = {v0, v1, v2, v3};
+    for (int k = 0; k < 4; ++k) {
+      out[r + std::size_t(k)] = sa[k] + tail_dot(q0, v[k], body, d);
+      out[stride + r + std::size_t(k)] = sb[k] + tail_dot(q1, v[k], body, d);
+    }
+  }
+  if (r < n_rows)
+    for (int i = 0; i < 2; ++i) dot_rows_avx2(qs[i], rows + r * d, n_rows - r, d, out + std::size_t(i) * stride + r);
+}
+
+}  // namespace
+
+void dot_tile_avx2(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows, std::size_t n_rows,
+                   std::size_t d, int32_t* out, std::size_t out_stride) {
+  std::size_t i = 0;
+  for (; i + 2 <= n_queries; i += 2) tile2(qs + i, rows, n_rows, d, out + i * out_stride, out_stride);
+  for (; i < n_queries; ++i) dot_rows_avx2(qs[i], rows, n_rows, d, out + i * out_stride);
+}
+
 }  // namespace persona4rec

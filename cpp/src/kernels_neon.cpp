@@ -21,4 +21,9 @@ void dot_rows_neon(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
   }
 }
 
+void dot_tile_neon(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
+                   std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride) {
+  for (std::size_t i = 0; i < n_queries; ++i) dot_rows_neon(qs[i], rows, n_rows, d, out + i * out_stride);
+}
+
 }  // namespace persona4rec

@@ -139,7 +139,7 @@ void topk_allowed(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, s
 
 // Block-major scan of the whole catalog for queries [q_begin, q_end): each block of
 // persona rows is read from memory once and scored for every query of the range.
-void topk_scan(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std::size_t q_begin,
+void topk_scan(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& qs, std::size_t q_begin,
                std::size_t q_end, std::size_t k, ListMode mode, const ItemLists& lists,
                const uint8_t* exclude_mask, int64_t* out_items, float* out_scores,
                int64_t* out_persona) {
@@ -160,7 +160,8 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std:
     q[j] = QueryCodes{qs.codes + (q_begin + j) * d, qs.code_sums[q_begin + j]};
 
   const std::size_t rows_per_block = std::max<std::size_t>(kBlockBytes / std::max<std::size_t>(d, 1), 1);
-  std::vector<int32_t> dots(std::max(rows_per_block, m.max_group) + 1);
+  const std::size_t stride = std::max(rows_per_block, m.max_group) + 1;
+  std::vector<int32_t> dots(stride * nq);
 
   std::size_t i0 = 0;
   while (i0 < m.n_items) {
@@ -171,9 +172,14 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std:
     const std::size_t p1 = std::size_t(m.offsets[i1]);
     const std::size_t n_rows = p1 - p0;
     if (n_rows > 0) {
+      // One call scores the block for every query: tiles of queries share each row load.
+      if (nq == 1)
+        dot(q[0], m.codes + p0 * d, n_rows, d, dots.data());
+      else
+        tile(q.data(), nq, m.codes + p0 * d, n_rows, d, dots.data(), stride);
       for (std::size_t j = 0; j < nq; ++j) {
         const float q_scale = qs.scales[q_begin + j];
-        dot(q[j], m.codes + p0 * d, n_rows, d, dots.data());
+        const int32_t* qdots = dots.data() + j * stride;
         TopK& heap = heaps[j];
         std::vector<int64_t>& dl = deny[j];
         std::size_t& dp = deny_pos[j];
@@ -188,7 +194,7 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std:
           }
           float best;
           std::size_t best_j;
-          best_of_group(dots.data() + a, m.scales + p0 + a, n, q_scale, best, best_j);
+          best_of_group(qdots + a, m.scales + p0 + a, n, q_scale, best, best_j);
           if (heap.admits(best, int64_t(i))) heap.push(Scored{best, int64_t(i), int64_t(p0 + a + best_j)});
         }
       }
@@ -204,7 +210,7 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std:
 
 }  // namespace
 
-void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& queries,
+void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& queries,
                   std::size_t k, ListMode mode, const ItemLists& lists,
                   const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
                   float* out_scores, int64_t* out_persona) {
@@ -215,7 +221,7 @@ void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& queri
       for (std::size_t qi = a; qi < b; ++qi)
         topk_allowed(m, dot, queries, qi, k, lists, exclude_mask, out_items, out_scores, out_persona);
     } else {
-      topk_scan(m, dot, queries, a, b, k, mode, lists, exclude_mask, out_items, out_scores,
+      topk_scan(m, dot, tile, queries, a, b, k, mode, lists, exclude_mask, out_items, out_scores,
                 out_persona);
     }
   };

@@ -29,6 +29,8 @@ SimdPath active_path();
 void set_active_path(SimdPath p);
 DotRowsFn dot_rows_for(SimdPath p);
 DotRowsFn active_dot_rows();
+DotTileFn dot_tile_for(SimdPath p);
+DotTileFn active_dot_tile();
 // Why the active path was chosen ("cpu", "env").
 const char* active_path_source();
 

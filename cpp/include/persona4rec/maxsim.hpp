@@ -55,7 +55,9 @@ void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_cod
 // bounded heap, so no full score array exists. Rows of the outputs (n_queries x k) are
 // best first; when fewer than k items are eligible, the tail is item -1, persona -1,
 // score -infinity. `exclude_mask` (n_items bytes, nonzero = never return) may be null.
-void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& queries,
+// `tile` scores a batch's queries together against each block (several queries per
+// register tile); `dot` serves single queries and allow-lists.
+void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& queries,
                   std::size_t k, ListMode mode, const ItemLists& lists,
                   const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
                   float* out_scores, int64_t* out_persona);
