@@ -615,6 +615,10 @@ def test_inputs_that_used_to_be_accepted_silently_raise_typed_errors():
         index.search(user * np.float32(1e30), k=3)
     with pytest.raises(ValueError, match="NaN"):
         index.search(np.full(8, np.nan, dtype=np.float32), k=3)
+    with pytest.raises(ValueError, match="overflow"):
+        index.rerank(user * np.float32(1e30), ["it0002"])
+    with pytest.raises(ValueError, match="overflow"):
+        index.explain(user * np.float32(1e30), "it0002")
     with pytest.raises(ValueError, match="missing must be 'error' or 'ignore'"):
         index.remove_items(["it0001"], missing="bogus")
     with pytest.raises(TypeError, match="not a string"):

@@ -297,6 +297,13 @@ class MaxSimIndex {
     if (bad >= 0)
       throw py::value_error("query " + std::to_string(bad) +
                             " contains NaN or infinity: check the user profile");
+    // Far above any embedding, far below what makes dot * both scales overflow float32.
+    constexpr float kMaxAbs = 1e15f;
+    for (std::size_t i = 0; i < n; ++i)
+      if (q.scales[i] * 127.0f > kMaxAbs)
+        throw py::value_error("query " + std::to_string(i) + " holds values up to " +
+                              std::to_string(q.scales[i] * 127.0f) +
+                              ", above 1e15: scores would overflow float32; L2-normalise the user vectors");
     q.batch.codes = q.codes.data();
     q.batch.scales = q.scales.data();
     q.batch.n = n;

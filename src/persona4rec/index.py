@@ -462,13 +462,8 @@ class PersonaIndex:
             raise EncoderMismatchError(
                 f"user vector dimension {q.shape[-1]} does not match the index dimension {snap.dim}: "
                 "encode users with the encoder that embedded the personas")
-        if q.size:
-            peak = float(np.max(np.abs(q)))
-            if not np.isfinite(peak):
-                raise ValueError("user vectors contain NaN or infinity: check the profile that produced them")
-            if peak > _MAX_ABS:
-                raise ValueError(f"user vectors hold values up to {peak:.3g}, above {_MAX_ABS:.0e}: scores would "
-                                 "overflow float32; L2-normalise the user vectors")
+        # NaN, infinity and values that would overflow the scores are refused by the core
+        # when it prepares the query (explain, which scores in numpy, checks for itself).
         return snap, np.ascontiguousarray(q), single
 
     def _indices(self, snap: _Snapshot, ids: Sequence, unknown: str, what: str,
@@ -638,6 +633,12 @@ class PersonaIndex:
         snap, q, single = self._query(user_vec, encoder)
         if not single:
             raise ValueError("explain takes one user vector (1-D)")
+        peak = float(np.max(np.abs(q))) if q.size else 0.0
+        if not np.isfinite(peak):
+            raise ValueError("the user vector contains NaN or infinity: check the profile that produced it")
+        if peak > _MAX_ABS:
+            raise ValueError(f"the user vector holds values up to {peak:.3g}, above {_MAX_ABS:.0e}: scores would "
+                             "overflow float32; L2-normalise the user vector")
         i = snap.lookup(item_id)
         if i < 0:
             raise UnknownItemError(f"item {item_id!r} is not in the index (or was removed)")
