@@ -127,3 +127,28 @@ def test_persona_count_is_chosen_on_validation() -> None:
     assert choice["max_personas"] == best == evaluation.personas.params["max_personas"]
     persona = next(m for m in report["methods"] if m["method"] == "persona max-sim")
     assert persona["valid"]["NDCG@10"] == pytest.approx(curve[best], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_real_mi_5core_temporal_protocol_through_the_harness() -> None:
+    import os
+    from pathlib import Path
+
+    shared = os.environ.get("PERSONA4REC_SHARED")
+    if not shared or not (Path(shared) / "data" / "amazon-mi-5core").is_dir():
+        pytest.skip("PERSONA4REC_SHARED is not set or has no data/amazon-mi-5core")
+    evaluation = Evaluation(EvaluationConfig(split="temporal", max_personas_grid=(1, 5), latency_users=40,
+                                             **{k: v for k, v in FAST.items() if k != "latency_users"}),
+                            HashEncoder(), cache=False)
+    report = evaluation.run()
+    d = evaluation.data
+    assert report["protocol"]["valid_users"] == 274 and report["protocol"]["test_users"] == 294
+    # Items first reviewed after the first cut: no CF method can recommend them.
+    assert report["dataset"]["targets_no_cf_can_recommend"] == {"valid": 0, "test": 34}
+    for name in ("popularity", "ItemKNN", "EASE", "BPR"):
+        cf = next(m for m in report["methods"] if m["method"] == name)
+        assert cf["test"]["HR@20"]["mean"] <= 1 - 34 / 294 + 1e-9
+    # Nothing from the validation period or later built an item vector or persona.
+    assert evaluation.personas.support.sum() <= len(d.split.train)
+    assert (d.reviews.timestamp[d.split.train] < d.split.valid_start).all()
+    assert report["methods"][0].get("headline") and report["recommender_agreement"]["same_top10"] == 1.0
