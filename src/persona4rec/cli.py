@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "persona4rec.train.cli",
     "persona4rec.evaluation.command",
     "persona4rec.data.command",
+    "persona4rec.scale.cli",
 ]
 
 

@@ -49,6 +49,11 @@ from persona4rec.index import PersonaIndex, PersonaMatch, UnknownItemError
 
 __all__ = [
     "IndexShard",
+    "check_user_vectors",
+    "format_topk",
+    "fuse_rerank",
+    "route_candidates",
+    "route_lists",
     "ManifestError",
     "ShardedPersonaIndex",
     "ShardedRerankResult",
@@ -264,9 +269,125 @@ def merge_topk(parts: Sequence[tuple], k: int):
     ordinals = np.concatenate([p[2] for p in parts], axis=1)
     with_personas = parts[0][3] is not None
     order = np.lexsort((ordinals, -scores), axis=-1)[:, :k]
-    pick = (lambda a: np.take_along_axis(a, order, axis=1))
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(a, order, axis=1)
+
     personas = pick(np.concatenate([p[3] for p in parts], axis=1)) if with_personas else None
     return pick(ids), pick(scores), pick(ordinals), personas
+
+
+# --------------------------------------------------------------------------- fan-out helpers
+# Shared by ShardedPersonaIndex (shards in threads) and the Ray Serve router (shards in replicas).
+def check_user_vectors(user_vecs, dim: int) -> tuple[np.ndarray, bool]:
+    """User vectors as a contiguous float32 array, and whether it is one user (1-D)."""
+    q = np.asarray(user_vecs)
+    if q.dtype != np.float32:
+        if not np.issubdtype(q.dtype, np.floating):
+            raise ValueError(f"user vectors must be float32, got {q.dtype}")
+        q = q.astype(np.float32)
+    if q.ndim not in (1, 2):
+        raise ValueError(f"user vectors must be 1-D (one user) or 2-D (batch), got shape {q.shape}")
+    if q.shape[-1] != dim:
+        raise EncoderMismatchError(
+            f"user vector dimension {q.shape[-1]} does not match the index dimension {dim}: "
+            "encode users with the encoder that embedded the personas")
+    return np.ascontiguousarray(q), q.ndim == 1
+
+
+def route_lists(lists, n_shards: int, n_queries: int, single: bool, what: str) -> list[list[list]] | None:
+    """One id list per user -> per shard, one list per user of the ids that shard owns."""
+    if lists is None:
+        return None
+    if single:
+        lists = [lists]
+    if len(lists) != n_queries:
+        raise ValueError(f"{what} must have one list per user ({n_queries}), got {len(lists)}")
+    out: list[list[list]] = [[[] for _ in range(n_queries)] for _ in range(n_shards)]
+    for u, lst in enumerate(lists):
+        for x in lst:
+            try:
+                s = shard_of(x, n_shards)
+            except TypeError:
+                continue  # an id of another type can never be in the index
+            out[s][u].append(x)
+    return out
+
+
+def route_candidates(candidates: list, n_shards: int) -> list[list[int]]:
+    """Per shard, the positions in ``candidates`` of the ids it owns (ids of another type go nowhere)."""
+    routed: list[list[int]] = [[] for _ in range(n_shards)]
+    for pos, x in enumerate(candidates):
+        try:
+            routed[shard_of(x, n_shards)].append(pos)
+        except TypeError:
+            pass  # neither str nor int: unknown, like in PersonaIndex
+    return routed
+
+
+def format_topk(parts, n_users: int, k: int, single: bool, return_personas: bool, id_kind: str):
+    """Merge per-shard top-k parts and shape the result exactly as :meth:`PersonaIndex.search` does."""
+    if parts:
+        ids, scores, _, personas = merge_topk(parts, k)
+    else:
+        ids = np.empty((n_users, k), dtype=object)
+        scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+        personas = np.empty((n_users, k), dtype=object) if return_personas else None
+    valid = scores > -np.inf
+    if id_kind == "int":
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        if valid.any():
+            out[valid] = np.asarray(ids[valid].tolist(), dtype=np.int64)
+        ids = out
+    else:
+        ids = ids.astype(object)
+        ids[~valid] = None
+    if personas is not None:
+        personas = personas.astype(object)
+        personas[~valid] = None
+    scores = scores.astype(np.float32, copy=False)
+    if single:
+        n = int(valid[0].sum())
+        ids, scores = ids[0, :n], scores[0, :n]
+        if personas is not None:
+            personas = personas[0, :n]
+    return (ids, scores, personas) if return_personas else (ids, scores)
+
+
+def fuse_rerank(cand: list, routed: list[list[int]], results: Mapping[int, tuple], base_scores, alpha: float,
+                unknown: str) -> "ShardedRerankResult":
+    """Combine per-shard persona scores (``IndexShard.persona_scores`` of ``routed[s]``) into
+    :meth:`PersonaIndex.rerank`'s result: fused score, sorted best first, ties in input order."""
+    persona_scores = np.zeros(len(cand), dtype=np.float32)
+    persona_ids: list[Any] = [None] * len(cand)
+    known = np.zeros(len(cand), dtype=bool)
+    for s, (local, scores, pids) in results.items():
+        where = np.asarray(routed[s], dtype=np.int64)[local]
+        persona_scores[where], known[where] = scores, True
+        for p, pid in zip(where.tolist(), pids):
+            persona_ids[p] = pid
+    pos = np.flatnonzero(known)
+    if len(pos) < len(cand) and unknown == "error":
+        missing = np.flatnonzero(~known)
+        bad = [cand[i] for i in missing[:5]]
+        raise UnknownItemError(f"{len(missing)} candidate ids not in the index (or removed), e.g. {bad!r}: "
+                               "pass unknown='skip' to drop them")
+    ps = persona_scores[pos]
+    fused = ps
+    if base_scores is not None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        base = np.asarray(base_scores, dtype=np.float32)
+        if base.shape != (len(cand),):
+            raise ValueError(f"base_scores must have one score per candidate ({len(cand)}), got shape {base.shape}")
+        if not np.all(np.isfinite(base)):
+            raise ValueError("base_scores contain NaN or infinity")
+        base = base[pos]
+        if len(base):
+            fused = np.float32(alpha) * ps + np.float32(1 - alpha) * _minmax(base)
+    order = np.argsort(-fused, kind="stable")
+    return ShardedRerankResult([cand[int(p)] for p in pos[order]], fused[order], ps[order],
+                               [persona_ids[int(p)] for p in pos[order]])
 
 
 @dataclass
@@ -552,18 +673,7 @@ class ShardedPersonaIndex:
     def _query(self, user_vecs, encoder) -> tuple[np.ndarray, bool]:
         if encoder is not None:
             self.check_encoder(encoder)
-        q = np.asarray(user_vecs)
-        if q.dtype != np.float32:
-            if not np.issubdtype(q.dtype, np.floating):
-                raise ValueError(f"user vectors must be float32, got {q.dtype}")
-            q = q.astype(np.float32)
-        if q.ndim not in (1, 2):
-            raise ValueError(f"user vectors must be 1-D (one user) or 2-D (batch), got shape {q.shape}")
-        if q.shape[-1] != self._dim:
-            raise EncoderMismatchError(
-                f"user vector dimension {q.shape[-1]} does not match the index dimension {self._dim}: "
-                "encode users with the encoder that embedded the personas")
-        return np.ascontiguousarray(q), q.ndim == 1
+        return check_user_vectors(user_vecs, self._dim)
 
     def _map(self, fn, shards: Sequence[int]) -> list:
         """``fn(shard_no)`` for every shard, in parallel threads; the first error is raised."""
@@ -575,24 +685,6 @@ class ShardedPersonaIndex:
                 self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="p4r-shard")
             pool = self._pool
         return [f.result() for f in [pool.submit(fn, s) for s in shards]]
-
-    def _route_lists(self, lists, n_queries: int, single: bool, what: str) -> list[list[list]] | None:
-        """One list per user -> per shard, one list per user of the ids that shard owns."""
-        if lists is None:
-            return None
-        if single:
-            lists = [lists]
-        if len(lists) != n_queries:
-            raise ValueError(f"{what} must have one list per user ({n_queries}), got {len(lists)}")
-        out = [[[] for _ in range(n_queries)] for _ in range(self.n_shards)]
-        for u, lst in enumerate(lists):
-            for x in lst:
-                try:
-                    s = shard_of(x, self.n_shards)
-                except TypeError:
-                    continue  # an id of another type can never be in the index
-                out[s][u].append(x)
-        return out
 
     # ------------------------------------------------------------------ search
     def search(self, user_vecs: np.ndarray, k: int = 10, exclude: Sequence | None = None,
@@ -614,12 +706,10 @@ class ShardedPersonaIndex:
         q, single = self._query(user_vecs, encoder)
         q2 = q[None, :] if single else q
         with self._rw.read():
-            deny = self._route_lists(exclude, len(q2), single, "exclude")
-            allowed = self._route_lists(allow, len(q2), single, "allow")
-            if allowed is not None and unknown == "error":
-                bad = [x for per_shard in allowed for lst in per_shard for x in lst if x not in self]
-                if single:
-                    bad += [x for x in allow if not isinstance(x, (str, int, np.integer)) or isinstance(x, bool)]
+            deny = route_lists(exclude, self.n_shards, len(q2), single, "exclude")
+            allowed = route_lists(allow, self.n_shards, len(q2), single, "allow")
+            if allow is not None and unknown == "error":
+                bad = [x for lst in ([allow] if single else allow) for x in lst if x not in self]
                 if bad:
                     raise UnknownItemError(f"{len(bad)} allow ids not in the index (or removed), e.g. {bad[:5]!r}: "
                                            "pass unknown='skip' to drop them")
@@ -631,34 +721,7 @@ class ShardedPersonaIndex:
                                             return_personas=return_personas, n_threads=n_threads)
 
             parts = self._map(one, live)
-        return self._format(parts, len(q2), k, single, return_personas)
-
-    def _format(self, parts, n_users: int, k: int, single: bool, return_personas: bool):
-        if parts:
-            ids, scores, _, personas = merge_topk(parts, k)
-        else:
-            ids = np.empty((n_users, k), dtype=object)
-            scores = np.full((n_users, k), -np.inf, dtype=np.float32)
-            personas = np.empty((n_users, k), dtype=object) if return_personas else None
-        valid = scores > -np.inf
-        if self._id_kind == "int":
-            out = np.full(ids.shape, -1, dtype=np.int64)
-            if valid.any():
-                out[valid] = np.asarray(ids[valid].tolist(), dtype=np.int64)
-            ids = out
-        else:
-            ids = ids.astype(object)
-            ids[~valid] = None
-        if personas is not None:
-            personas = personas.astype(object)
-            personas[~valid] = None
-        scores = scores.astype(np.float32, copy=False)
-        if single:
-            n = int(valid[0].sum())
-            ids, scores = ids[0, :n], scores[0, :n]
-            if personas is not None:
-                personas = personas[0, :n]
-        return (ids, scores, personas) if return_personas else (ids, scores)
+        return format_topk(parts, len(q2), k, single, return_personas, self._id_kind)
 
     # ------------------------------------------------------------------ rerank
     def rerank(self, user_vec: np.ndarray, candidate_ids: Sequence[Hashable], base_scores=None,
@@ -671,48 +734,14 @@ class ShardedPersonaIndex:
         if not single:
             raise ValueError("rerank takes one user vector (1-D); loop or use search() for batches")
         cand = list(candidate_ids)
-        routed: list[list[int]] = [[] for _ in range(self.n_shards)]
-        for pos, x in enumerate(cand):
-            try:
-                routed[shard_of(x, self.n_shards)].append(pos)
-            except TypeError:
-                pass  # neither str nor int: unknown, like in PersonaIndex
+        routed = route_candidates(cand, self.n_shards)
         with self._rw.read():
             def one(s: int):
                 return self._shards[s].persona_scores(q, [cand[p] for p in routed[s]], unknown)
 
             busy = [s for s in range(self.n_shards) if routed[s]]
             results = dict(zip(busy, self._map(one, busy)))
-        persona_scores = np.zeros(len(cand), dtype=np.float32)
-        persona_ids: list[Any] = [None] * len(cand)
-        known = np.zeros(len(cand), dtype=bool)
-        for s, (local, scores, pids) in results.items():
-            where = np.asarray(routed[s], dtype=np.int64)[local]
-            persona_scores[where], known[where] = scores, True
-            for p, pid in zip(where.tolist(), pids):
-                persona_ids[p] = pid
-        pos = np.flatnonzero(known)
-        if len(pos) < len(cand) and unknown == "error":
-            missing = np.flatnonzero(~known)
-            bad = [cand[i] for i in missing[:5]]
-            raise UnknownItemError(f"{len(missing)} candidate ids not in the index (or removed), e.g. {bad!r}: "
-                                   "pass unknown='skip' to drop them")
-        ps = persona_scores[pos]
-        fused = ps
-        if base_scores is not None:
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-            base = np.asarray(base_scores, dtype=np.float32)
-            if base.shape != (len(cand),):
-                raise ValueError(f"base_scores must have one score per candidate ({len(cand)}), got shape {base.shape}")
-            if not np.all(np.isfinite(base)):
-                raise ValueError("base_scores contain NaN or infinity")
-            base = base[pos]
-            if len(base):
-                fused = np.float32(alpha) * ps + np.float32(1 - alpha) * _minmax(base)
-        order = np.argsort(-fused, kind="stable")
-        return ShardedRerankResult([cand[int(p)] for p in pos[order]], fused[order], ps[order],
-                                   [persona_ids[int(p)] for p in pos[order]])
+        return fuse_rerank(cand, routed, results, base_scores, alpha, unknown)
 
     # ------------------------------------------------------------------ explain
     def explain(self, user_vec: np.ndarray, item_id: Hashable, *, encoder=None) -> list[PersonaMatch]:
@@ -787,7 +816,7 @@ class ShardedPersonaIndex:
             removed = 0
             with self._rw.write():
                 for shard, lst in zip(self._shards, per_shard):
-                    if lst:
+                    if lst and shard.index is not None:
                         removed += shard.index.remove_items(lst)
                         m = shard.ordinal_map()
                         for x in lst:
