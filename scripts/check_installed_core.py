@@ -11,8 +11,12 @@ from persona4rec import simd_info
 
 # Every x86_64 build carries the AVX2 and AVX-512 VNNI kernels, every aarch64 build the NEON one;
 # which of them runs is decided on the user's CPU.
-EXPECTED_COMPILED = {"x86_64": ["scalar", "avx2", "avx512vnni"], "AMD64": ["scalar", "avx2", "avx512vnni"],
-                     "aarch64": ["scalar", "neon"], "arm64": ["scalar", "neon"]}
+EXPECTED_COMPILED = {
+    "x86_64": ["scalar", "avx2", "avx512vnni"],
+    "AMD64": ["scalar", "avx2", "avx512vnni"],
+    "aarch64": ["scalar", "neon"],
+    "arm64": ["scalar", "neon"],
+}
 
 if "site-packages" not in core.__file__:
     sys.exit(f"persona4rec._core was imported from {core.__file__}, not from an installed wheel")

@@ -9,6 +9,8 @@ bash scripts/bootstrap.sh
 if [ -z "${PERSONA4REC_SHARED:-}" ] && [ -d ../shared ]; then
   export PERSONA4REC_SHARED="$(cd ../shared && pwd)"
 fi
+# Lint, format and type checks first: seconds, and their findings name the line to fix.
+bash scripts/static.sh
 python -m pytest -p no:cacheprovider --rootdir=. -c pyproject.toml tests "$@"
 # CI also runs the native core's tests once under AddressSanitizer + UBSan, and builds, repairs
 # and tests the manylinux wheel (and the sdist it is built from) on a PATH with no compiler.

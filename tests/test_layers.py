@@ -70,16 +70,26 @@ FLOORS: dict[str, int] = {
 
 # (importer, imported room) -> why the arrow exists today. Each must go; each has a strict xfail below.
 KNOWN_BACKWARD_ARROWS: dict[tuple[str, str], str] = {
-    ("persona4rec.llm.stages", "persona4rec.train"):
-        "the LLM judge stage parses answers with train/pairs.py (sideways on floor 5); parsing belongs in llm/",
-    ("persona4rec.encoder", "persona4rec.export"):
-        "loading the default encoder exports it with torch on first use (function-level import, floor 2 -> 3)",
-    ("persona4rec.data.registry", "persona4rec.encoder"):
-        "the data layer takes the cache directory from the encoder (function-level import, sideways on floor 2)",
-    ("persona4rec._persist", "persona4rec._ann"):
-        "reading a format-1 index file parses its hnswlib graph file with _ann (function-level import, floor 2 -> 3)",
-    ("persona4rec.train.experiment", "persona4rec.evaluation"):
-        "the alignment experiments call the evaluation harness (function-level imports, floor 5 -> 6)",
+    (
+        "persona4rec.llm.stages",
+        "persona4rec.train",
+    ): "the LLM judge stage parses answers with train/pairs.py (sideways on floor 5); parsing belongs in llm/",
+    (
+        "persona4rec.encoder",
+        "persona4rec.export",
+    ): "loading the default encoder exports it with torch on first use (function-level import, floor 2 -> 3)",
+    (
+        "persona4rec.data.registry",
+        "persona4rec.encoder",
+    ): "the data layer takes the cache directory from the encoder (function-level import, sideways on floor 2)",
+    (
+        "persona4rec._persist",
+        "persona4rec._ann",
+    ): "reading a format-1 index file parses its hnswlib graph file with _ann (function-level import, floor 2 -> 3)",
+    (
+        "persona4rec.train.experiment",
+        "persona4rec.evaluation",
+    ): "the alignment experiments call the evaluation harness (function-level imports, floor 5 -> 6)",
 }
 
 
@@ -215,21 +225,27 @@ def test_every_module_has_a_floor() -> None:
 def test_importing_a_module_loads_only_lower_floors(module: str) -> None:
     loaded = loaded_by_all()[module]
     up = sorted(m for m in loaded if backward(module, m) and not known(module, m))
-    assert not up, (f"{module} (floor {FLOORS[room_of(module)]}) loads modules that are not below it: "
-                    f"{[(m, FLOORS[room_of(m)]) for m in up]}")
+    assert not up, (
+        f"{module} (floor {FLOORS[room_of(module)]}) loads modules that are not below it: "
+        f"{[(m, FLOORS[room_of(m)]) for m in up]}"
+    )
 
 
 @pytest.mark.parametrize("module", all_modules())
 def test_every_written_import_points_down(module: str) -> None:
     up = sorted(m for m in written_imports(module) if backward(module, m) and not known(module, m))
-    assert not up, (f"{module} (floor {FLOORS[room_of(module)]}) imports modules that are not below it, "
-                    f"at module level or inside a function: {[(m, FLOORS[room_of(m)]) for m in up]}")
+    assert not up, (
+        f"{module} (floor {FLOORS[room_of(module)]}) imports modules that are not below it, "
+        f"at module level or inside a function: {[(m, FLOORS[room_of(m)]) for m in up]}"
+    )
 
 
 @pytest.mark.parametrize(
     ("importer", "room"),
-    [pytest.param(i, r, marks=pytest.mark.xfail(strict=True, reason=why), id=f"{i}->{r}")
-     for (i, r), why in KNOWN_BACKWARD_ARROWS.items()],
+    [
+        pytest.param(i, r, marks=pytest.mark.xfail(strict=True, reason=why), id=f"{i}->{r}")
+        for (i, r), why in KNOWN_BACKWARD_ARROWS.items()
+    ],
 )
 def test_known_backward_arrow_is_gone(importer: str, room: str) -> None:
     """Fails (as expected) while the arrow exists; passes, and so fails the strict xfail, once it is

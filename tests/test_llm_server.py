@@ -56,10 +56,17 @@ class LocalServer:
         if code is None:
             return
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-        hint = (" (a crash on the first decode is what a llama.cpp built for another CPU does: "
-                "scripts/bootstrap.sh builds it without native tuning)" if code < 0 else "")
-        pytest.fail(f"llama_cpp.server {how} during {during}{hint}; last lines of {self.log}:\n"
-                    f"{self.log.read_text(errors='replace')[-3000:]}", pytrace=False)
+        hint = (
+            " (a crash on the first decode is what a llama.cpp built for another CPU does: "
+            "scripts/bootstrap.sh builds it without native tuning)"
+            if code < 0
+            else ""
+        )
+        pytest.fail(
+            f"llama_cpp.server {how} during {during}{hint}; last lines of {self.log}:\n"
+            f"{self.log.read_text(errors='replace')[-3000:]}",
+            pytrace=False,
+        )
 
 
 def start_server(command: list[str], log: Path, port: int, ready_timeout_s: float) -> LocalServer:
@@ -102,9 +109,25 @@ def llama_server(tmp_path_factory):
     path = model_path()
     port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", "4096", "--n_threads", "1", "--n_threads_batch", "1",
-               "--verbose", "False"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "4096",
+        "--n_threads",
+        "1",
+        "--n_threads_batch",
+        "1",
+        "--verbose",
+        "False",
+    ]
     server = start_server(command, log, port, READY_TIMEOUT_S)
     try:
         yield server
@@ -147,9 +170,18 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
     for item_id in chosen:  # two short reviews per item keep the run small
         reviews += [r for r in all_reviews if r["item_id"] == item_id and 0 < len(r["text"]) < 600][:2]
     prompts = load_prompt_set("product")
-    cfg = ClientConfig(base_url=llama_server.url, model="smollm2-135m", api_key_env=None, max_tokens=400,
-                       temperature=0.0, seed=0, response_format="json_object_schema", concurrency=1, timeout_s=120,
-                       max_retries=1)
+    cfg = ClientConfig(
+        base_url=llama_server.url,
+        model="smollm2-135m",
+        api_key_env=None,
+        max_tokens=400,
+        temperature=0.0,
+        seed=0,
+        response_format="json_object_schema",
+        concurrency=1,
+        timeout_s=120,
+        max_retries=1,
+    )
 
     seconds = {}
 
@@ -178,23 +210,37 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
 
     tasks = persona_tasks(aspects, prompts, summaries_from_records(summaries), items)
     personas = run(tasks, "personas", "personas")
-    check_records(personas, {t.key for t in tasks}, lambda r: all(
-        p["persona_id"] == f"{r['item_id']}_P{k}" for k, p in enumerate(r["personas"], 1)))
+    check_records(
+        personas,
+        {t.key for t in tasks},
+        lambda r: all(p["persona_id"] == f"{r['item_id']}_P{k}" for k, p in enumerate(r["personas"], 1)),
+    )
 
     # judge requests for users whose targets are the chosen items, with histories from their other reviews
-    requests = [q for q in selection_requests(all_reviews, history_size=3, targets_per_user=50)
-                if q["target_item_id"] in {p["item_id"] for p in personas if p["status"] == "ok"}][:2]
+    requests = [
+        q
+        for q in selection_requests(all_reviews, history_size=3, targets_per_user=50)
+        if q["target_item_id"] in {p["item_id"] for p in personas if p["status"] == "ok"}
+    ][:2]
     tasks = selection_tasks(requests, personas, prompts, summaries_from_records(summaries), items)
     selections = run(tasks, "selection", "selection")
     persona_ids = {p["persona_id"] for r in personas if r["status"] == "ok" for p in r["personas"]}
     check_records(selections, {t.key for t in tasks}, lambda r: r["selected_persona_id"] in persona_ids)
 
     elapsed = time.monotonic() - started
-    counts = {name: (sum(r["status"] == "ok" for r in recs), len(recs))
-              for name, recs in [("aspects", aspects), ("summaries", summaries), ("personas", personas),
-                                 ("selection", selections)]}
-    print(f"\nSmolLM2-135M, ok/total per stage: {counts}; seconds per stage: {seconds}; "
-          f"{elapsed:.1f} s for the four stages")
+    counts = {
+        name: (sum(r["status"] == "ok" for r in recs), len(recs))
+        for name, recs in [
+            ("aspects", aspects),
+            ("summaries", summaries),
+            ("personas", personas),
+            ("selection", selections),
+        ]
+    }
+    print(
+        f"\nSmolLM2-135M, ok/total per stage: {counts}; seconds per stage: {seconds}; "
+        f"{elapsed:.1f} s for the four stages"
+    )
 
 
 def test_a_server_that_dies_fails_with_its_signal_and_log(tmp_path):
