@@ -45,7 +45,7 @@ from persona4rec.data import (
     temporal_split,
 )
 from persona4rec.evaluation import baselines as bl
-from persona4rec.evaluation.choices import PhaseData, choose_alpha, choose_cf
+from persona4rec.evaluation.choices import CFChoice, PhaseData, choose_alpha, choose_cf, mean_ndcg10, phase_scores
 from persona4rec.evaluation.candidates import candidate_lists, ceiling, exclude_history, fuse, fused_rerank, rerank
 from persona4rec.evaluation.metrics import DEFAULT_CUTOFFS, ranks_from_lists, ranks_from_scores
 from persona4rec.evaluation.metrics import ndcg as ndcg_at
@@ -467,182 +467,47 @@ class Evaluation:
         self._step("persona indexes", started)
 
     # --------------------------------------------------------------- baselines
-    def _evaluate_scores(self, model_score: Callable[[sp.csr_matrix, np.ndarray], np.ndarray],
-                         phase: str) -> np.ndarray:
-        d = self.data
-        history, users = d.history_matrix(phase), d.users(phase)
-        return exclude_history(model_score(history, users), history, users)
-
-    def _targets(self, phase: str) -> np.ndarray:
-        return self.data.valid_targets if phase == "valid" else self.data.test_targets
-
-    def fit_baselines(self) -> None:
+    # ------------------------------------------------------- scoring steps
+    # Each step is a module-level function with typed inputs and one typed output
+    # (fit_cf_baselines -> CFStage, score_text_methods -> TextStage, fuse_and_rerank ->
+    # FusionStage); these methods only call them and keep the outputs.
+    def fit_baselines(self) -> CFStage:
         """Fit popularity, ItemKNN, EASE and BPR, choosing hyper-parameters on validation."""
-        d = self.data
-        self.cf_scores: dict[str, dict[str, np.ndarray]] = {}
-        self.cf_models: dict[str, Any] = {}
-        candidates: list[tuple[str, list[dict[str, Any]], Callable[..., Any]]] = [
-            ("popularity", [{}], lambda **p: bl.Popularity()),
-            ("ItemKNN", self.config.itemknn_grid, lambda **p: bl.ItemKNN(**p)),
-            ("EASE", self.config.ease_grid, lambda **p: bl.EASE(**p)),
-        ]
-        for name, grid, make in candidates:
-            started = time.perf_counter()
-            chosen = choose_cf(make, grid, d.train_matrix, d.phase("valid"))
-            self._record_cf(name, (chosen.valid_ndcg, chosen.params, chosen.model, chosen.valid_scores))
-            self._step(f"{name} (grid of {len(grid)} on validation)", started)
-        started = time.perf_counter()
-        best = None
-        for params in self.config.bpr_grid:
-            model = bl.BPR(seed=self.config.seed, **params).start(d.train_matrix)
-            for epoch in range(BPR_EVAL_EVERY, self.config.bpr_max_epochs + 1, BPR_EVAL_EVERY):
-                model.train_epochs(BPR_EVAL_EVERY)
-                valid = self._evaluate_scores(model.score, "valid")
-                value = ndcg_at(ranks_from_scores(valid, d.valid_targets), 10).mean()
-                if best is None or value > best[0]:
-                    # Keep the evaluated weights themselves: scoring folds users in with the shared
-                    # numba RNG, so a refit with the same seed would not reproduce this model.
-                    kept = copy.deepcopy(model)
-                    kept.epochs = epoch
-                    best = (value, {**params, "epochs": epoch}, kept, valid)
-        self._record_cf("BPR", best)
-        self._step(f"BPR (grid of {len(self.config.bpr_grid)} x {self.config.bpr_max_epochs // BPR_EVAL_EVERY} "
-                   "epoch counts)", started)
-        order = ["popularity", "ItemKNN", "EASE", "BPR"]
-        valid_ndcg = {n: float(ndcg_at(ranks_from_scores(self.cf_scores[n]["valid"], d.valid_targets), 10).mean())
-                      for n in order}
-        self.first_stage = max(order[1:], key=lambda n: valid_ndcg[n])
-        self.choices["first_stage"] = {"method": self.first_stage, "valid_ndcg@10": valid_ndcg}
+        self.cf = fit_cf_baselines(self.data, self.config, self._step)
+        self.cf_scores, self.cf_models, self.first_stage = self.cf.scores, self.cf.models, self.cf.first_stage
+        self.choices.update(self.cf.choices)
+        self.results += self.cf.results
+        return self.cf
 
-    def _record_cf(self, name: str, best: tuple[float, dict[str, Any], Any, np.ndarray]) -> None:
-        value, params, model, valid = best
-        test = self._evaluate_scores(model.score, "test")
-        self.cf_models[name] = model
-        self.cf_scores[name] = {"valid": valid, "test": test}
-        self.choices[name] = {"params": params, "valid_ndcg@10": round(float(value), 5)}
-        self.results.append(MethodResult(name, "full", ranks_from_scores(valid, self.data.valid_targets),
-                                         ranks_from_scores(test, self.data.test_targets), params))
-
-    # ------------------------------------------------------------- text scores
-    def score_text(self) -> None:
-        """Dense single-vector and persona max-sim scores over the full catalog."""
+    def score_text(self) -> TextStage:
+        """Dense single-vector, persona max-sim (plain and calibrated) and every-review max-sim
+        scores over the full catalog."""
         started = time.perf_counter()
-        d = self.data
-        self.text_scores: dict[str, dict[str, np.ndarray]] = {}
-        for phase, profiles in (("valid", self.valid_profiles), ("test", self.test_profiles)):
-            history, users = d.history_matrix(phase), d.users(phase)
-            dense = exclude_history(profiles @ self.item_vectors.T, history, users)
-            persona = index_scores(self.persona_index, profiles, history, users)
-            reviews = index_scores(self.review_index, profiles, history, users)
-            for name, scores in (("dense single-vector", dense), ("persona max-sim", persona),
-                                 ("review max-sim", reviews)):
-                self.text_scores.setdefault(name, {})[phase] = scores
-        params = {"dense single-vector": {"item": "mean of train review embeddings"},
-                  "persona max-sim": {"source": self.personas.params.get("method"),
-                                      "max_personas": self.personas.params.get("max_personas",
-                                                                              self.config.max_personas),
-                                      "reviews_per_persona": self.config.reviews_per_persona,
-                                      "n_personas": self.personas.n_personas},
-                  "review max-sim": {"n_personas": self.review_personas.n_personas}}
-        for name, scores in self.text_scores.items():
-            self.results.append(MethodResult(name, "full", ranks_from_scores(scores["valid"], d.valid_targets),
-                                             ranks_from_scores(scores["test"], d.test_targets), params[name]))
-        self.calibrate_persona_scores()
+        self.text = score_text_methods(
+            self.data, self.config, {"valid": self.valid_profiles, "test": self.test_profiles}, self.item_vectors,
+            self.personas, self.persona_index, self.review_personas, self.review_index)
+        self.text_scores, self.persona_count_excess = self.text.scores, self.text.persona_count_excess
+        self.choices["persona_calibration"] = self.text.calibration
+        self.results += self.text.results
         self._step("text scoring (full catalog)", started)
+        return self.text
 
-    def calibrate_persona_scores(self) -> None:
-        """Two persona scores that do not grow with an item's persona count.
-
-        The max over P personas rises with P even when no persona fits better (a max of
-        more noisy cosines), which pushes items with few reviews (one persona) down.
-        * per-count offset: subtract, for items with c personas, the mean excess of max-sim
-          over the item's single vector, measured on training data only (profiles from
-          train histories, train-built items; no target is looked at);
-        * soft maximum: ``T * log(mean_p exp(s_p / T))`` (log-mean-exp: the max as T -> 0,
-          the mean as T grows; the mean keeps it from rising with P), T chosen on validation.
-        Both are computed in float32 from the same persona vectors as the index.
-        """
-        d, ps = self.data, self.personas
-        counts = np.diff(ps.offsets)
-        starts = ps.offsets[:-1]
-        raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # phase -> (per-persona scores, dense)
-        for phase, profiles in (("valid", self.valid_profiles), ("test", self.test_profiles)):
-            raw[phase] = (profiles @ ps.vectors.T, profiles @ self.item_vectors.T)
-        # Training data only: validation users' profiles come from their train histories.
-        per_persona, dense = raw["valid"]
-        excess = np.maximum.reduceat(per_persona, starts, axis=1) - dense
-        offsets = {int(c): float(excess[:, counts == c].mean()) for c in np.unique(counts)}
-        offset_of_item = np.array([offsets[int(c)] for c in counts])
-        self.persona_count_excess = {str(c): round(v, 5) for c, v in offsets.items()}
-        calibrated = {p: self.text_scores["persona max-sim"][p] - offset_of_item[None, :] for p in ("valid", "test")}
-
-        def soft(phase: str, temperature: float) -> np.ndarray:
-            s = raw[phase][0].astype(np.float64) / temperature
-            top = np.maximum.reduceat(s, starts, axis=1)
-            shifted = np.exp(s - np.repeat(top, counts, axis=1))
-            lme = temperature * (top + np.log(np.add.reduceat(shifted, starts, axis=1) / counts[None, :]))
-            return exclude_history(lme, d.history_matrix(phase), d.users(phase))
-
-        curve = {f"{t:g}": round(float(ndcg_at(ranks_from_scores(soft("valid", t), d.valid_targets), 10).mean()), 5)
-                 for t in self.config.softmax_temperatures}
-        best_t = max(self.config.softmax_temperatures, key=lambda t: (curve[f"{t:g}"], t))
-        softmax = {p: soft(p, best_t) for p in ("valid", "test")}
-        self.text_scores["persona max-sim, per-count offset"] = calibrated
-        self.text_scores["persona soft-max"] = softmax
-        self.choices["persona_calibration"] = {
-            "per_count_offset": self.persona_count_excess,
-            "offset_measured_on": "validation users' train-history profiles x train-built items (no targets)",
-            "softmax_temperature": best_t, "valid_ndcg@10_by_temperature": curve}
-        for name, scores, params in (
-                ("persona max-sim, per-count offset", calibrated, {"offset_by_persona_count": self.persona_count_excess}),
-                ("persona soft-max", softmax, {"temperature": best_t, "valid_ndcg@10_by_temperature": curve})):
-            self.results.append(MethodResult(name, "full", ranks_from_scores(scores["valid"], d.valid_targets),
-                                             ranks_from_scores(scores["test"], d.test_targets), params))
-
-    def fuse_and_rerank(self) -> None:
-        """Rerank the first stage's top-N by persona score, alone and fused (alpha on validation)."""
+    def fuse_and_rerank(self) -> FusionStage:
+        """Rerank the first stage's top-N by persona score, alone and fused (alpha on
+        validation), and choose the deployed setting on validation."""
         started = time.perf_counter()
-        d = self.data
-        base = self.cf_scores[self.first_stage]
-        persona = self.text_scores["persona max-sim"]
-        dense = self.text_scores["dense single-vector"]
-        self.ceilings: dict[int, dict[str, float]] = {}
-        for n in self.config.candidate_sizes:
-            cands = {p: candidate_lists(base[p], n) for p in ("valid", "test")}
-            self.ceilings[n] = {p: float(ceiling(cands[p], self._targets(p)).mean()) for p in ("valid", "test")}
-            for name, text in (("dense single-vector", dense), ("persona max-sim", persona)):
-                self.results.append(MethodResult(
-                    f"{name} rerank", f"rerank@{n}",
-                    ranks_from_lists(rerank(cands["valid"], text["valid"]), d.valid_targets),
-                    ranks_from_lists(rerank(cands["test"], text["test"]), d.test_targets),
-                    {"first_stage": self.first_stage}))
-            alpha, curve = self._choose_alpha(
-                lambda a, p: fused_rerank(cands[p], persona[p], base[p], a), lists=True)
-            self.results.append(MethodResult(
-                f"fused persona + {self.first_stage}", f"rerank@{n}",
-                ranks_from_lists(fused_rerank(cands["valid"], persona["valid"], base["valid"], alpha), d.valid_targets),
-                ranks_from_lists(fused_rerank(cands["test"], persona["test"], base["test"], alpha), d.test_targets),
-                {"alpha": alpha, "first_stage": self.first_stage, "valid_ndcg@10_by_alpha": curve}))
-        alpha, curve = self._choose_alpha(lambda a, p: fuse(persona[p], base[p], a), lists=False)
-        self.results.append(MethodResult(
-            f"fused persona + {self.first_stage}", "full",
-            ranks_from_scores(fuse(persona["valid"], base["valid"], alpha), d.valid_targets),
-            ranks_from_scores(fuse(persona["test"], base["test"], alpha), d.test_targets),
-            {"alpha": alpha, "first_stage": self.first_stage, "valid_ndcg@10_by_alpha": curve}))
+        self.fusion_stage = fuse_and_rerank(self.data, self.config, self.first_stage,
+                                            self.cf_scores[self.first_stage], self.text_scores["persona max-sim"],
+                                            self.text_scores["dense single-vector"])
+        self.ceilings = self.fusion_stage.ceilings
+        self.results += self.fusion_stage.results
         self.choose_fusion()
         self._step("reranking and fusion", started)
+        return self.fusion_stage
 
     def choose_fusion(self) -> MethodResult:
-        """The deployed configuration: the fused setting (rerank depth or full, each with its
-        own alpha) with the best validation NDCG@10; on a tie the shallower rerank, the
-        cheaper one to serve. Test scores play no part."""
-        fused = [r for r in self.results if r.name == f"fused persona + {self.first_stage}"]
-        depth = {r.setting: (int(r.setting.split("@")[1]) if "@" in r.setting else 10**9) for r in fused}
-        valid = {r.setting: float(ndcg_at(r.valid_ranks, 10).mean()) for r in fused}
-        self.fusion = max(fused, key=lambda r: (round(valid[r.setting], 10), -depth[r.setting]))
-        self.choices["fusion"] = {"setting": self.fusion.setting, "alpha": self.fusion.params["alpha"],
-                                  "first_stage": self.first_stage,
-                                  "valid_ndcg@10_by_setting": {k: round(v, 5) for k, v in valid.items()}}
+        """The deployed configuration (see :func:`choose_fusion`), recorded in the choices."""
+        self.fusion, self.choices["fusion"] = choose_fusion(self.results, self.first_stage)
         return self.fusion
 
     def recommender(self) -> Any:
@@ -666,11 +531,6 @@ class Evaluation:
         """Candidates the chosen fusion reranks (None: the full catalog)."""
         setting = self.fusion.setting
         return int(setting.split("@")[1]) if "@" in setting else None
-
-    def _choose_alpha(self, make: Callable[[float, str], np.ndarray], lists: bool) -> tuple[float, dict[str, float]]:
-        targets = self.data.valid_targets
-        to_ranks = ranks_from_lists if lists else ranks_from_scores
-        return choose_alpha(lambda a: to_ranks(make(a, "valid"), targets), self.config.alpha_grid)
 
     # ----------------------------------------------------------------- latency
     def measure_latency(self) -> dict[str, dict[str, float]]:
@@ -932,6 +792,198 @@ class Evaluation:
         report = self.summarise()
         report["timings_s"]["total"] = round(time.perf_counter() - self._t0, 1)
         return report
+
+
+# ------------------------------------------------------------------ scoring steps
+
+
+@dataclass
+class CFStage:
+    """Output of :func:`fit_cf_baselines`: each CF model chosen on validation."""
+
+    models: dict[str, Any]
+    scores: dict[str, dict[str, np.ndarray]]  # name -> phase -> history-excluded scores
+    first_stage: str  # the CF method with the best validation NDCG@10 (popularity excluded)
+    choices: dict[str, Any]
+    results: list[MethodResult]
+
+
+def fit_cf_baselines(data: Prepared, config: EvaluationConfig,
+                     step: Callable[[str, float], Any] | None = None) -> CFStage:
+    """Popularity, ItemKNN, EASE (grids through :func:`choices.choose_cf`) and BPR (grid x
+    epoch checkpoints), all fitted on train and chosen on validation NDCG@10."""
+    step = step or (lambda name, started: None)
+    valid, test = data.phase("valid"), data.phase("test")
+    models: dict[str, Any] = {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    choices: dict[str, Any] = {}
+    results: list[MethodResult] = []
+
+    def record(name: str, chosen: CFChoice) -> None:
+        test_scores = chosen.test_scores if chosen.test_scores is not None else phase_scores(chosen.model, test)
+        models[name] = chosen.model
+        scores[name] = {"valid": chosen.valid_scores, "test": test_scores}
+        choices[name] = {"params": chosen.params, "valid_ndcg@10": round(float(chosen.valid_ndcg), 5)}
+        results.append(MethodResult(name, "full", ranks_from_scores(chosen.valid_scores, valid.targets),
+                                    ranks_from_scores(test_scores, test.targets), chosen.params))
+
+    for name, grid, make in (("popularity", [{}], lambda **p: bl.Popularity()),
+                             ("ItemKNN", config.itemknn_grid, lambda **p: bl.ItemKNN(**p)),
+                             ("EASE", config.ease_grid, lambda **p: bl.EASE(**p))):
+        started = time.perf_counter()
+        record(name, choose_cf(make, grid, data.train_matrix, valid))
+        step(f"{name} (grid of {len(grid)} on validation)", started)
+    started = time.perf_counter()
+    best: CFChoice | None = None
+    for params in config.bpr_grid:
+        model = bl.BPR(seed=config.seed, **params).start(data.train_matrix)
+        for epoch in range(BPR_EVAL_EVERY, config.bpr_max_epochs + 1, BPR_EVAL_EVERY):
+            model.train_epochs(BPR_EVAL_EVERY)
+            valid_scores = phase_scores(model, valid)
+            value = mean_ndcg10(valid_scores, valid.targets)
+            if best is None or value > best.valid_ndcg:
+                # Keep the evaluated weights themselves: scoring folds users in with the shared
+                # numba RNG, so a refit with the same seed would not reproduce this model.
+                kept = copy.deepcopy(model)
+                kept.epochs = epoch
+                best = CFChoice({**params, "epochs": epoch}, kept, value, valid_scores)
+    if best is None:
+        raise ValueError("the BPR grid is empty")
+    record("BPR", best)
+    step(f"BPR (grid of {len(config.bpr_grid)} x {config.bpr_max_epochs // BPR_EVAL_EVERY} epoch counts)", started)
+    order = ["popularity", "ItemKNN", "EASE", "BPR"]
+    valid_ndcg = {n: mean_ndcg10(scores[n]["valid"], valid.targets) for n in order}
+    first_stage = max(order[1:], key=lambda n: valid_ndcg[n])
+    choices["first_stage"] = {"method": first_stage, "valid_ndcg@10": valid_ndcg}
+    return CFStage(models, scores, first_stage, choices, results)
+
+
+@dataclass
+class TextStage:
+    """Output of :func:`score_text_methods`."""
+
+    scores: dict[str, dict[str, np.ndarray]]  # method -> phase -> history-excluded scores
+    results: list[MethodResult]
+    calibration: dict[str, Any]  # per-count offsets, the soft-max temperature and its curve
+    persona_count_excess: dict[str, float]
+
+
+def score_text_methods(data: Prepared, config: EvaluationConfig, profiles: dict[str, np.ndarray],
+                       item_vectors: np.ndarray, personas: PersonaSet, persona_index: Any,
+                       review_personas: PersonaSet, review_index: Any) -> TextStage:
+    """Full-catalog text scores: dense single vector, persona max-sim through the index,
+    every-review max-sim, and two calibrated persona scores that do not grow with an item's
+    persona count.
+
+    The max over P personas rises with P even when no persona fits better (a max of more
+    noisy cosines), which pushes items with few reviews (one persona) down.
+    * per-count offset: subtract, for items with c personas, the mean excess of max-sim over
+      the item's single vector, measured on training data only (validation users' profiles
+      from train histories, train-built items; no target is looked at);
+    * soft maximum: ``T * log(mean_p exp(s_p / T))`` (log-mean-exp: the max as T -> 0, the
+      mean as T grows; the mean keeps it from rising with P), T chosen on validation.
+    """
+    phases = ("valid", "test")
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for phase in phases:
+        ph = data.phase(phase)
+        scores.setdefault("dense single-vector", {})[phase] = exclude_history(
+            profiles[phase] @ item_vectors.T, ph.history, ph.users)
+        scores.setdefault("persona max-sim", {})[phase] = index_scores(persona_index, profiles[phase], ph.history,
+                                                                      ph.users)
+        scores.setdefault("review max-sim", {})[phase] = index_scores(review_index, profiles[phase], ph.history,
+                                                                     ph.users)
+    params: dict[str, dict[str, Any]] = {
+        "dense single-vector": {"item": "mean of train review embeddings"},
+        "persona max-sim": {"source": personas.params.get("method"),
+                            "max_personas": personas.params.get("max_personas", config.max_personas),
+                            "reviews_per_persona": config.reviews_per_persona, "n_personas": personas.n_personas},
+        "review max-sim": {"n_personas": review_personas.n_personas}}
+
+    counts = np.diff(personas.offsets)
+    starts = personas.offsets[:-1]
+    per_persona = {p: profiles[p] @ personas.vectors.T for p in phases}
+    excess = np.maximum.reduceat(per_persona["valid"], starts, axis=1) - profiles["valid"] @ item_vectors.T
+    offsets = {int(c): float(excess[:, counts == c].mean()) for c in np.unique(counts)}
+    offset_of_item = np.array([offsets[int(c)] for c in counts])
+    count_excess = {str(c): round(v, 5) for c, v in offsets.items()}
+    scores["persona max-sim, per-count offset"] = {
+        p: scores["persona max-sim"][p] - offset_of_item[None, :] for p in phases}
+
+    def soft(phase: str, temperature: float) -> np.ndarray:
+        s = per_persona[phase].astype(np.float64) / temperature
+        top = np.maximum.reduceat(s, starts, axis=1)
+        shifted = np.exp(s - np.repeat(top, counts, axis=1))
+        lme = temperature * (top + np.log(np.add.reduceat(shifted, starts, axis=1) / counts[None, :]))
+        ph = data.phase(phase)
+        return exclude_history(lme, ph.history, ph.users)
+
+    curve = {f"{t:g}": round(mean_ndcg10(soft("valid", t), data.valid_targets), 5)
+             for t in config.softmax_temperatures}
+    best_t = max(config.softmax_temperatures, key=lambda t: (curve[f"{t:g}"], t))
+    scores["persona soft-max"] = {p: soft(p, best_t) for p in phases}
+    params["persona max-sim, per-count offset"] = {"offset_by_persona_count": count_excess}
+    params["persona soft-max"] = {"temperature": best_t, "valid_ndcg@10_by_temperature": curve}
+    results = [MethodResult(name, "full", ranks_from_scores(s["valid"], data.valid_targets),
+                            ranks_from_scores(s["test"], data.test_targets), params[name])
+               for name, s in scores.items()]
+    calibration = {"per_count_offset": count_excess,
+                   "offset_measured_on": "validation users' train-history profiles x train-built items (no targets)",
+                   "softmax_temperature": best_t, "valid_ndcg@10_by_temperature": curve}
+    return TextStage(scores, results, calibration, count_excess)
+
+
+@dataclass
+class FusionStage:
+    """Output of :func:`fuse_and_rerank`: rerank rows per depth and the fused rows."""
+
+    results: list[MethodResult]
+    ceilings: dict[int, dict[str, float]]  # depth -> phase -> first-stage hit rate
+
+
+def fuse_and_rerank(data: Prepared, config: EvaluationConfig, first_stage: str, base: dict[str, np.ndarray],
+                    persona: dict[str, np.ndarray], dense: dict[str, np.ndarray]) -> FusionStage:
+    """Rerank the first stage's top-N by dense and persona scores, and fuse persona scores
+    with the first stage's over its top-N and the full catalog, alpha chosen on validation
+    for each depth (:func:`choices.choose_alpha`)."""
+    targets = {"valid": data.valid_targets, "test": data.test_targets}
+    results: list[MethodResult] = []
+    ceilings: dict[int, dict[str, float]] = {}
+    fused_name = f"fused persona + {first_stage}"
+    for n in config.candidate_sizes:
+        cands = {p: candidate_lists(base[p], n) for p in targets}
+        ceilings[n] = {p: float(ceiling(cands[p], targets[p]).mean()) for p in targets}
+        for name, text in (("dense single-vector", dense), ("persona max-sim", persona)):
+            results.append(MethodResult(
+                f"{name} rerank", f"rerank@{n}",
+                *(ranks_from_lists(rerank(cands[p], text[p]), targets[p]) for p in ("valid", "test")),
+                {"first_stage": first_stage}))
+        alpha, curve = choose_alpha(lambda a: ranks_from_lists(
+            fused_rerank(cands["valid"], persona["valid"], base["valid"], a), targets["valid"]), config.alpha_grid)
+        results.append(MethodResult(
+            fused_name, f"rerank@{n}",
+            *(ranks_from_lists(fused_rerank(cands[p], persona[p], base[p], alpha), targets[p]) for p in ("valid", "test")),
+            {"alpha": alpha, "first_stage": first_stage, "valid_ndcg@10_by_alpha": curve}))
+    alpha, curve = choose_alpha(lambda a: ranks_from_scores(fuse(persona["valid"], base["valid"], a), targets["valid"]),
+                                config.alpha_grid)
+    results.append(MethodResult(
+        fused_name, "full", *(ranks_from_scores(fuse(persona[p], base[p], alpha), targets[p]) for p in ("valid", "test")),
+        {"alpha": alpha, "first_stage": first_stage, "valid_ndcg@10_by_alpha": curve}))
+    return FusionStage(results, ceilings)
+
+
+def choose_fusion(results: Sequence[MethodResult], first_stage: str) -> tuple[MethodResult, dict[str, Any]]:
+    """The deployed configuration: the fused setting (rerank depth or full, each with its own
+    alpha) with the best validation NDCG@10; on a tie the shallower rerank, the cheaper one to
+    serve. Test ranks play no part."""
+    fused = [r for r in results if r.name == f"fused persona + {first_stage}"]
+    if not fused:
+        raise ValueError(f"no fused results for first stage {first_stage!r}; run fuse_and_rerank first")
+    depth = {r.setting: (int(r.setting.split("@")[1]) if "@" in r.setting else 10**9) for r in fused}
+    valid = {r.setting: float(ndcg_at(r.valid_ranks, 10).mean()) for r in fused}
+    chosen = max(fused, key=lambda r: (round(valid[r.setting], 10), -depth[r.setting]))
+    return chosen, {"setting": chosen.setting, "alpha": chosen.params["alpha"], "first_stage": first_stage,
+                    "valid_ndcg@10_by_setting": {k: round(v, 5) for k, v in valid.items()}}
 
 
 def make_index(personas: PersonaSet, item_ids: Sequence[str] | None = None) -> Any:
