@@ -112,7 +112,7 @@ class _Snapshot:
 
     __slots__ = (
         "codes", "scales", "offsets", "core", "ids", "id_kind", "id_to_index", "texts",
-        "removed", "n_removed", "ann", "encoder", "dim",
+        "removed", "n_removed", "ann", "encoder", "dim", "has_empty_items",
     )
 
     def __init__(self, *, codes, scales, offsets, ids, id_kind, id_to_index, texts=None, removed=None, ann=None,
@@ -131,6 +131,7 @@ class _Snapshot:
         self.ann = ann
         self.encoder = encoder
         self.dim = int(codes.shape[1])
+        self.has_empty_items = bool(len(offsets) > 1 and np.any(offsets[1:] == offsets[:-1]))
 
     def replace(self, **changes) -> "_Snapshot":
         """A new snapshot with some fields changed (the native view is reused when the
@@ -528,7 +529,8 @@ class PersonaIndex:
             ids, scores, rows, n_unknown = snap.core.rerank_by_id(
                 q, cand, snap.id_to_index.mapping(), snap.n_items, snap.removed)
             # A row of -1 is a candidate without personas: the general path names it.
-            if (n_unknown == 0 or unknown == "skip") and (len(rows) == 0 or rows.min() >= 0):
+            if (n_unknown == 0 or unknown == "skip") and (not snap.has_empty_items or len(rows) == 0
+                                                          or rows.min() >= 0):
                 return RerankResult(ids, scores, scores, rows, self, snap)
         idx, pos = self._indices(snap, cand, unknown, "candidate ids", need_personas=True)
         persona_scores, rows = snap.core.score_candidates(q, idx)
