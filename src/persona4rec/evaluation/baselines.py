@@ -39,11 +39,13 @@ def history_row(user_items: Any, n_items: int) -> sp.csr_matrix:
         if row.shape != (1, n_items):
             raise ValueError(f"user_items must be a 1 x {n_items} row, got shape {row.shape}")
         return row
-    positions = np.asarray(list(user_items), dtype=np.int64)
-    if len(positions) and (positions.min() < 0 or positions.max() >= n_items):
+    positions = np.unique(np.asarray(list(user_items), dtype=np.int64))
+    if len(positions) and (positions[0] < 0 or positions[-1] >= n_items):
         raise ValueError(f"user_items holds an item position outside 0..{n_items - 1}; map item ids to the "
                          "positions the model was fitted on (CFRetriever does that)")
-    return interaction_matrix(np.zeros(len(positions), dtype=np.int64), positions, 1, n_items)
+    # Built directly as CSR (sorted, unique indices): the per-request path, no COO round trip.
+    return sp.csr_matrix((np.ones(len(positions), dtype=np.float32), positions, np.array([0, len(positions)])),
+                         shape=(1, n_items))
 
 
 class _Recommends:
