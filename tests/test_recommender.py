@@ -145,3 +145,28 @@ def test_load_refuses_foreign_classes_and_bad_settings(parts, tmp_path) -> None:
         Recommender(profiler(encoder), index, alpha=1.5)
     with pytest.raises(TypeError, match="search"):
         Recommender(profiler(encoder), object())
+
+
+def test_the_sharded_index_plugs_in_and_saves_with_the_recommender(parts, tmp_path) -> None:
+    sharded = pytest.importorskip("persona4rec.sharded")
+    encoder, index, item_ids, train = parts
+    rng = np.random.default_rng(0)  # the fixture's persona texts and vectors, rebuilt into 3 shards
+    counts = rng.integers(1, 4, size=len(item_ids))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    texts = [" ".join(rng.choice(WORDS, size=5)) for _ in range(offsets[-1])]
+    records = [{"persona_id": f"{item_ids[i]}_P{j + 1}", "name": f"name {i}.{j}", "description": texts[offsets[i] + j],
+                "rationale": f"because {i}.{j}"} for i in range(len(item_ids)) for j in range(counts[i])]
+    shards = sharded.ShardedPersonaIndex.build(item_ids, encoder.encode(texts), offsets, personas=records, n_shards=3)
+    retriever = CFRetriever(EASE(l2=10.0).fit(train), item_ids)
+    for stage in (None, retriever):
+        one = Recommender(profiler(encoder), index, retriever=stage, alpha=0.5, rerank_depth=15)
+        many = Recommender(profiler(encoder), shards, retriever=stage, alpha=0.5, rerank_depth=15)
+        for seed in (6, 7):
+            a, b = one.recommend(history(seed, item_ids), k=8), many.recommend(history(seed, item_ids), k=8)
+            assert a.item_ids == b.item_ids and a.persona_ids == b.persona_ids and a.rationales == b.rationales
+            assert np.allclose(a.scores, b.scores)
+    folder = Recommender(profiler(encoder), shards, retriever=retriever, alpha=0.5, rerank_depth=15).save(tmp_path / "s")
+    again = Recommender.load(folder, encoder, cache=False)
+    assert type(again.index).__name__ == "ShardedPersonaIndex"
+    h = history(6, item_ids)
+    assert again.recommend(h, k=8).item_ids == many.recommend(h, k=8).item_ids
