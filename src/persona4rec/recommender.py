@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -127,16 +127,22 @@ class Recommender:
         return out
 
     def profile(self, history: Sequence[Any]) -> np.ndarray | None:
-        """The user's profile (adapter applied), or None when the history has nothing usable."""
-        try:
-            vector = self.profiler.profile(history)
-        except EmptyHistoryError:
-            if self._all_ratings is None:
-                return None
-            try:
-                vector = self._all_ratings.profile(history)
-            except EmptyHistoryError:
-                return None
+        """The user's profile (adapter applied), or None when the history has nothing usable.
+
+        Built by ``profile_many`` (a batch of one), the path the evaluation harness builds
+        its profiles with: the single-user path may differ in the last float bit, and int8
+        quantization of the query can turn that into a different score, so only the same
+        path guarantees that what is served is what was measured."""
+        vector = None
+        for profiler in (self.profiler, self._all_ratings):
+            if profiler is None:
+                break
+            batch = profiler.profile_many([history])
+            if len(batch.positions):
+                vector = batch.vectors[0]
+                break
+        if vector is None:
+            return None
         return np.asarray(self.adapter.apply(vector), dtype=np.float32) if self.adapter is not None else vector
 
     def _explained(self, vector: np.ndarray, item_ids: Sequence, scores: np.ndarray, persona_scores: np.ndarray,

@@ -607,7 +607,8 @@ class Evaluation:
                              "BPR user factors are precomputed (fold-in not timed) except in the Recommender row, "
                              "which times the whole service call (first stage incl. any BPR fold-in, rerank, "
                              "explanations of the 10 items)")
-        self.recommender_agreement = self._recommender_agreement(picks)
+        # Every test user, not a sample: the served lists must be the measured ones.
+        self.recommender_agreement = self._recommender_agreement(np.arange(len(d.test_users)))
         self._step("latency", started)
         return latency
 
