@@ -483,3 +483,25 @@ def test_native_rerank_by_id_matches_the_python_path():
     assert index.rerank(user, cand + [ids[9], "nope"], unknown="skip").ids == fast.ids
     with pytest.raises(TypeError):
         index.rerank(user, [["unhashable"]])
+
+
+def test_recall_against_the_float_exact_answer():
+    pytest.importorskip("hnswlib", reason="approximate search needs the [ann] extra")
+    rng = np.random.default_rng(4)
+    vectors = clustered(rng, 3000, 32, 30)
+    ids = [f"i{j}" for j in range(1000)]
+    index = PersonaIndex.build(ids, vectors, np.arange(0, 3001, 3))
+    index.build_ann(M=12, ef_construction=100)
+    users = clustered(np.random.default_rng(5), 20, 32, 30)
+    r_int8 = index.recall_at_k(users, 10)
+    r_float = index.recall_at_k(users, 10, reference_vectors=vectors)
+    assert 0.8 <= r_float <= 1.0 and 0.8 <= r_int8 <= 1.0
+    # With a huge ef the graph is exact, so what is left against float truth is int8 scoring.
+    exact_graph = index.recall_at_k(users, 10, ef=3000, overfetch=300, reference_vectors=vectors)
+    float_truth = [set(np.asarray(ids)[np.argsort(-np.maximum.reduceat(vectors @ u, np.arange(0, 3000, 3)),
+                                                  kind="stable")[:10]]) for u in users]
+    int8_top = index.search(users, 10)[0]
+    agreement = np.mean([len(t & set(a)) / 10 for t, a in zip(float_truth, int8_top)])
+    assert exact_graph == pytest.approx(agreement)
+    with pytest.raises(ValueError, match="one float row per persona"):
+        index.recall_at_k(users, 10, reference_vectors=vectors[:10])

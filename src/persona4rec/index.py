@@ -817,14 +817,42 @@ class PersonaIndex:
             items_out[u, :n], scores_out[u, :n], rows_out[u, :n] = cand[order], s[order], pr[order]
         return self._format(snap, items_out, scores_out, rows_out, single, return_personas)
 
-    def recall_at_k(self, user_vecs: np.ndarray, k: int = 10, *, ef: int | None = None, overfetch: int = 4) -> float:
-        """Mean recall@k of :meth:`search_approx` against exact :meth:`search` on these users."""
+    def recall_at_k(self, user_vecs: np.ndarray, k: int = 10, *, ef: int | None = None, overfetch: int = 4,
+                    reference_vectors: np.ndarray | None = None) -> float:
+        """Mean recall@k of :meth:`search_approx` on these users.
+
+        The truth is exact int8 :meth:`search` by default. Pass ``reference_vectors`` (the
+        float32 persona vectors the index was built from, one row per persona) to measure
+        against the float exact answer instead, which also counts what int8 scoring
+        changes: the number a user comparing with a float index should look at.
+        """
         q = np.atleast_2d(np.asarray(user_vecs, dtype=np.float32))
-        exact, _ = self.search(q, k)
         approx, _ = self.search_approx(q, k, ef=ef, overfetch=overfetch)
+        snap = self._snap
+        if reference_vectors is None:
+            exact, _ = self.search(q, k)
+            truths = [{x for x in e.tolist() if x is not None and x != -1} for e in exact]
+        else:
+            ref = np.asarray(reference_vectors, dtype=np.float32)
+            if ref.shape != snap.codes.shape:
+                raise ValueError(f"reference_vectors must have shape {snap.codes.shape} (one float row per "
+                                 f"persona, in index order), got {ref.shape}")
+            sizes = np.diff(snap.offsets)
+            live = sizes > 0
+            if snap.removed is not None:
+                live &= snap.removed == 0
+            starts = snap.offsets[:-1][sizes > 0]
+            truths = []
+            for u in range(len(q)):
+                per_row = ref @ q[u]
+                item_scores = np.full(snap.n_items, -np.inf, dtype=np.float32)
+                if len(starts):
+                    item_scores[sizes > 0] = np.maximum.reduceat(per_row, starts)
+                item_scores[~live] = -np.inf
+                order = np.lexsort((np.arange(snap.n_items), -item_scores))[:k]
+                truths.append({snap.item_id(int(i)) for i in order if np.isfinite(item_scores[i])})
         hits = []
-        for e, a in zip(exact, approx):
-            truth = {x for x in e.tolist() if x is not None and x != -1}
+        for truth, a in zip(truths, approx):
             if truth:
                 hits.append(len(truth & set(a.tolist())) / len(truth))
         return float(np.mean(hits)) if hits else 1.0
