@@ -48,3 +48,72 @@ def users(n: int, seed: int = 1, dim: int = 16) -> np.ndarray:
     q = rng.integers(-2, 3, size=(n, dim)).astype(np.float32)
     q[~q.any(axis=1), 0] = 1
     return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+class ScriptedLLM:
+    """A deterministic stand-in for an LLM behind the loopback stub: a schema-valid answer read off each
+    prompt, after ``delay_s``. Counts how often each distinct request was sent (what would be paid)."""
+
+    def __init__(self, domain: str = "product", delay_s: float = 0.0):
+        from persona4rec.llm.prompts import load_prompt_set
+
+        self.fields = load_prompt_set(domain).config["aspects"]
+        self.delay_s = delay_s
+        self.sent: dict[str, int] = {}
+
+    def __call__(self, body: dict, n: int):
+        import hashlib
+        import json
+        import re
+
+        from llm_fixtures.stub_server import chat_reply
+
+        key = hashlib.sha256(json.dumps(body["messages"], sort_keys=True).encode()).hexdigest()
+        self.sent[key] = self.sent.get(key, 0) + 1
+        stage = body["response_format"]["json_schema"]["name"]
+        prompt = body["messages"][1]["content"]
+        if stage == "aspects":
+            text = prompt.split("Text: ", 1)[1].split("\n", 1)[0] if "Text: " in prompt else "n/a"
+            answer = {}
+            for f in self.fields:
+                answer[f["name"]] = " ".join(text.split()[:3]) or None
+                answer[f"{f['name']}_reason"] = "The review says so."
+        elif stage == "summary":
+            title = prompt.split("Title: ", 1)[1].split("\n", 1)[0] if "Title: " in prompt else "It"
+            answer = {"summary": f"{title} is a product. It is sold online."}
+        elif stage == "personas":
+            n_reviews = len(re.findall(r"^Review \d+ \(rating", prompt, re.M))
+            count = 1 if "exactly 1" in prompt else min(3, max(2, n_reviews))
+            words = re.findall(r"[a-z]+", prompt.lower())[-40:]
+            answer = {"personas": [{"Name": f"Persona Number {k}",
+                                    "Description": " ".join(words[k::3][:8]) + ". Two. Three.",
+                                    "Preference_Rationale": "Review 1 says so."} for k in range(1, count + 1)]}
+        else:
+            first_id = re.search(r"^(\S+_P\d+):", prompt, re.M).group(1)
+            answer = {"reasoning": "The history fits.", "selection": first_id}
+        return chat_reply(json.dumps(answer), delay_s=self.delay_s)
+
+    @property
+    def paid_twice(self) -> int:
+        return sum(c - 1 for c in self.sent.values() if c > 1)
+
+
+def review_subset(shared_dir, out_path, n_items: int = 30) -> tuple[list[str], list[str]]:
+    """The reviews of the first ``n_items`` MI-5core items (raw lines) into ``out_path``; returns (item ids,
+    held-out review ids: each item's latest review, as a leave-one-out split holds out)."""
+    import gzip
+    import json
+
+    src = shared_dir / "data" / "amazon-mi-5core" / "reviews_Musical_Instruments_5.json.gz"
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    chosen = sorted({r["asin"] for r in rows})[:n_items]
+    keep = [r for r in rows if r["asin"] in set(chosen)]
+    with open(out_path, "w", encoding="utf-8") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+    latest: dict[str, dict] = {}
+    for r in keep:
+        if r["asin"] not in latest or r["unixReviewTime"] > latest[r["asin"]]["unixReviewTime"]:
+            latest[r["asin"]] = r
+    return chosen, [f"{r['reviewerID']}:{r['asin']}" for r in latest.values()]

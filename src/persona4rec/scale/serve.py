@@ -124,7 +124,8 @@ class Router:
     async def _call(self, budget: float, s: int, method: str, *args) -> Any:
         """One shard's answer, retried while its replica is unavailable, until ``budget`` seconds pass."""
         deadline = time.monotonic() + budget
-        delay, attempt, last = 0.05, 0, None
+        delay, attempt = 0.05, 0
+        last: BaseException | None = None
         while True:
             attempt += 1
             left = deadline - time.monotonic()
@@ -175,7 +176,7 @@ class Router:
         deny = route_lists(exclude, self.n_shards, len(q2), single, "exclude")
         allowed = route_lists(allow, self.n_shards, len(q2), single, "allow")
         return_personas = True
-        if allowed is not None and unknown == "error":
+        if allow is not None and unknown == "error":
             await self._check_known(budget, [x for lst in ([allow] if single else allow) for x in lst])
         parts = await self._fan(budget, "topk", {s: (q2, k, None if deny is None else deny[s],
                                              None if allowed is None else allowed[s], return_personas)
@@ -284,12 +285,13 @@ def build_app(index_dir: str | Path, *, replicas_per_shard: int = 1, shard_resou
         actor_options: dict[str, Any] = {"num_cpus": shard_cpus}
         if shard_resources:
             actor_options["resources"] = {shard_resources[s % len(shard_resources)]: 0.001}
-        shards.append(ShardServer.options(
+        # .options() is added by @serve.deployment
+        shards.append(ShardServer.options(  # type: ignore[attr-defined]
             name=f"shard-{s}", num_replicas=replicas_per_shard, ray_actor_options=actor_options,
             health_check_period_s=health_check_period_s, health_check_timeout_s=max(5.0, health_check_period_s),
         ).bind(index_dir, s, verify))
-    return Router.options(name="router", ray_actor_options={"num_cpus": 0}).bind(
-        index_dir, retry_deadline_s, *shards)
+    router = Router.options(name="router", ray_actor_options={"num_cpus": 0})  # type: ignore[attr-defined]
+    return router.bind(index_dir, retry_deadline_s, *shards)
 
 
 def start(index_dir: str | Path, *, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
