@@ -9,6 +9,7 @@ PERSONA4REC_FULL=1 bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
 . "${PERSONA4REC_VENV:-.venv}/bin/activate"
 if [ -z "${PERSONA4REC_SHARED:-}" ] && [ -d ../shared ]; then
-  export PERSONA4REC_SHARED="$(cd ../shared && pwd)"
+  PERSONA4REC_SHARED="$(cd ../shared && pwd)"
+  export PERSONA4REC_SHARED
 fi
 exec persona4rec evaluate --dataset amazon-mi-5core "$@"

@@ -7,7 +7,8 @@ bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
 . "${PERSONA4REC_VENV:-.venv}/bin/activate"
 if [ -z "${PERSONA4REC_SHARED:-}" ] && [ -d ../shared ]; then
-  export PERSONA4REC_SHARED="$(cd ../shared && pwd)"
+  PERSONA4REC_SHARED="$(cd ../shared && pwd)"
+  export PERSONA4REC_SHARED
 fi
 # Lint, format and type checks first: seconds, and their findings name the line to fix.
 bash scripts/static.sh
