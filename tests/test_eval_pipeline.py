@@ -104,7 +104,7 @@ def mi_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         pytest.skip("PERSONA4REC_SHARED is not set or has no data/amazon-mi-5core")
     from persona4rec.evaluation.report import write_report
 
-    evaluation = Evaluation(EvaluationConfig(**FAST), HashEncoder(), cache=False)
+    evaluation = Evaluation(EvaluationConfig(**FAST, max_personas_grid=(1, 5)), HashEncoder(), cache=False)
     report = evaluation.run()
     folder = tmp_path_factory.mktemp("report")
     write_report(report, folder)
@@ -115,6 +115,7 @@ def by_name(report: dict, method: str, setting: str) -> dict:
     return next(m for m in report["methods"] if m["method"] == method and m["setting"] == setting)
 
 
+@pytest.mark.slow
 def test_mi_pipeline_numbers_and_protocol(mi_report: tuple[dict, Path]) -> None:
     report, _ = mi_report
     assert report["dataset"]["users"] == 1429 and report["dataset"]["items"] == 900
@@ -142,6 +143,11 @@ def test_mi_pipeline_numbers_and_protocol(mi_report: tuple[dict, Path]) -> None:
     assert all(0 < p["p_value"] <= 1 for p in report["p_values"])
     assert set(report["latency"]["per_user"]) >= {"popularity", "EASE", "persona max-sim"}
     assert report["candidate_hit_rate"][first]["20"] == pytest.approx(ceilings[0], abs=1e-5)
+    # The headline (first row) is the fused setting chosen on validation, served as measured.
+    headline = report["methods"][0]
+    assert headline.get("headline") and headline["setting"] == report["choices"]["fusion"]["setting"]
+    assert report["recommender_agreement"] == {**report["recommender_agreement"], "users": 1429, "same_top10": 1.0}
+    assert all(p["p_value"] <= p["p_holm"] for p in report["p_values"])
 
 
 def test_evaluate_command_is_registered_with_its_options() -> None:
@@ -154,6 +160,7 @@ def test_evaluate_command_is_registered_with_its_options() -> None:
         build_parser().parse_args(["evaluate", "--tie-break", "latest"])
 
 
+@pytest.mark.slow
 def test_mi_report_files_and_explained_examples(mi_report: tuple[dict, Path]) -> None:
     report, folder = mi_report
     assert json.loads((folder / "results.json").read_text())["version"] == 1
