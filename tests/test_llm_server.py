@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import platform
+import re
 import signal
 import socket
 import subprocess
@@ -241,6 +243,20 @@ def test_four_stages_on_a_local_smollm2_server(shared_dir, llama_server, tmp_pat
         f"\nSmolLM2-135M, ok/total per stage: {counts}; seconds per stage: {seconds}; "
         f"{elapsed:.1f} s for the four stages"
     )
+
+
+@pytest.mark.llm_server
+def test_llama_cpp_is_built_for_the_portable_baseline() -> None:
+    """A natively tuned llama.cpp (AVX-512, AMX) crashed the server on another CPU: scripts/bootstrap.sh
+    builds it for x86-64-v3. On a CPU that has AVX-512, a native build would report it here."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable baseline is pinned for x86_64 only")
+    info = llama_cpp.llama_print_system_info().decode()
+    enabled = set(re.findall(r"(\w+) = 1", info))
+    beyond = sorted(f for f in enabled if f.startswith(("AVX512", "AMX", "AVX_VNNI")))
+    assert not beyond, f"llama.cpp was built with {beyond} ({info}); rebuild it with scripts/bootstrap.sh"
+    assert {"AVX2", "FMA", "F16C"} <= enabled, f"the x86-64-v3 baseline is missing from {info}"
 
 
 def test_a_server_that_dies_fails_with_its_signal_and_log(tmp_path):
