@@ -8,6 +8,10 @@
 
 #include "persona4rec/kernels.hpp"
 
+#ifndef P4R_VNNI_PREFETCH_GROUPS
+#define P4R_VNNI_PREFETCH_GROUPS 2
+#endif
+
 namespace persona4rec {
 
 void dot_rows_avx512vnni(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
@@ -27,7 +31,7 @@ void dot_rows_avx512vnni(const QueryCodes& qc, const int8_t* rows, std::size_t n
   const int8_t* end = rows + n_rows * d;
   std::size_t r = 0;
   for (; r + 4 <= n_rows; r += 4) {
-    const int8_t* ahead = rows + r * d + 2 * group_bytes;
+    const int8_t* ahead = rows + r * d + P4R_VNNI_PREFETCH_GROUPS * group_bytes;
     for (std::size_t off = 0; off < group_bytes && ahead + off < end; off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
     const int8_t* v0 = rows + (r + 0) * d;
@@ -107,7 +111,7 @@ void tile4(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
   const int8_t* end = rows + n_rows * d;
   std::size_t r = 0;
   for (; r + 4 <= n_rows; r += 4) {
-    const int8_t* ahead = rows + r * d + 2 * group_bytes;
+    const int8_t* ahead = rows + r * d + P4R_VNNI_PREFETCH_GROUPS * group_bytes;
     for (std::size_t off = 0; off < group_bytes && ahead + off < end; off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
     const int8_t* v0 = rows + (r + 0) * d;
