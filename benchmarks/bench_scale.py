@@ -19,7 +19,17 @@ The load average before each part is printed.
   replica per shard, queried over HTTP by ``IndexClient``; the overhead is the served latency minus
   the in-process sharded latency of the same queries (p50 and p99). Target: at most 2 ms at p50.
   Ray's own processes are not this process, so the CPU column of served rows is the client's only.
-* ``pipeline``: see ``persona4rec.scale.pipeline`` (``--help``).
+* ``pipeline``: the summaries stage (the stub of tests/llm_fixtures answers every request with a
+  valid summary after a fixed delay, in its own process). (a) ``--tasks`` items, ``--concurrency``
+  requests in flight in total, 50 ms per answer: the single-process job runner
+  (``persona4rec.llm.stages.run_tasks``) vs the Ray Data pipeline on an embedded local Ray (2
+  actors, half the concurrency each, the same cluster-wide limit); the pipeline's wall time runs
+  from ``run_pipeline`` to its return (actor start-up included; ``ray.init`` reported apart). CPU
+  is summed over this process and every process it started (Ray's included), from psutil.
+  Target: >= 0.8x the runner's throughput. (b) a simulated 2-node cluster
+  (``ray.cluster_utils.Cluster``, both nodes on this machine, one LLM actor per node pinned by a
+  custom resource, 4 connections each, 200 ms per answer so that the stub's latency is the
+  bottleneck) vs the same run on 1 node. Target: >= 1.6x.
 """
 
 from __future__ import annotations
@@ -165,6 +175,148 @@ def bench_serve(args) -> None:
     print(f"load average after: {_load()}")
 
 
+def _tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and all its live descendants."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _write_inputs(d: Path, n: int) -> tuple[Path, Path]:
+    import json
+
+    reviews, items = d / "reviews.jsonl", d / "items.jsonl"
+    with open(reviews, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"review_id": f"U{i}:I{i}", "user_id": f"U{i}", "item_id": f"I{i}", "rating": 5,
+                                "timestamp": i, "title": "ok", "text": "fine"}) + "\n")
+    with open(items, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"item_id": f"I{i}", "title": f"Item {i}", "categories": "Picks",
+                                "description": ""}) + "\n")
+    return reviews, items
+
+
+def _pipeline_config(d: Path, base_url: str, reviews: Path, items: Path, out: str, actors: int, concurrency: int,
+                     max_in_flight: int, actor_resources: dict | None = None):
+    from persona4rec.scale.pipeline import PipelineConfig
+
+    return PipelineConfig.from_dict({
+        "data": {"reviews": str(reviews), "items": str(items), "allow_heldout": True},
+        "endpoint": {"base_url": base_url, "model": "stub", "api_key_env": "", "concurrency": concurrency,
+                     "max_in_flight": max_in_flight, "max_retries": 0, "timeout": 60},
+        "run": {"out": str(d / out), "stages": ["summaries"], "actors": actors, "partitions": 8,
+                "actor_resources": actor_resources or {}},
+        "encoder": {"enabled": False},
+    })
+
+
+def bench_pipeline(args) -> None:
+    import asyncio
+    import subprocess
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from persona4rec.llm.client import ClientConfig
+    from persona4rec.llm.inputs import load_items
+    from persona4rec.llm.prompts import load_prompt_set
+    from persona4rec.llm.stages import run_tasks, summary_tasks
+    from persona4rec.scale.pipeline import run_pipeline
+
+    stub_path = ROOT / "tests" / "llm_fixtures" / "stub_server.py"
+
+    def start_stub(delay: float):
+        proc = subprocess.Popen([sys.executable, str(stub_path), "--delay", str(delay)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
+
+    def stop_stub(proc) -> None:
+        proc.stdin.close()
+        proc.wait(10)
+
+    print(f"load average before: {_load()}; cores: {os.cpu_count()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        reviews, items = _write_inputs(d, args.tasks)
+        proc, url = start_stub(0.05)
+        try:
+            prompts = load_prompt_set("product")
+            tasks = summary_tasks(load_items(items).values(), prompts)
+            cfg = ClientConfig(base_url=url, model="stub", api_key_env=None, concurrency=args.concurrency,
+                               max_retries=0, timeout_s=60)
+            c0, t0 = _tree_cpu(), time.perf_counter()
+            summary = asyncio.run(run_tasks(tasks, cfg, d / "single.jsonl", "summary", prompts, d / "single.cache"))
+            single_wall, single_cpu = time.perf_counter() - t0, _tree_cpu() - c0
+            assert summary.done == args.tasks, summary
+            t0 = time.perf_counter()
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+            init_s = time.perf_counter() - t0
+            try:
+                pcfg = _pipeline_config(d, url, reviews, items, "ray", 2, args.concurrency // 2, args.concurrency)
+                c0, t0 = _tree_cpu(), time.perf_counter()
+                result = run_pipeline(pcfg, log=lambda m: None)
+                ray_wall, ray_cpu = time.perf_counter() - t0, _tree_cpu() - c0
+            finally:
+                ray.shutdown()
+            assert result.stage_summaries["summaries"]["done"] == args.tasks, result.stage_summaries
+        finally:
+            stop_stub(proc)
+        ideal = args.concurrency / 0.05
+        rows.append(("single-process job runner", args.tasks, single_wall, single_cpu, ideal))
+        rows.append(("Ray Data pipeline, local, 2 actors", args.tasks, ray_wall, ray_cpu, ideal))
+        print(f"\n(a) summaries of {args.tasks} items, {args.concurrency} requests in flight, stub 50 ms "
+              f"(ideal {ideal:.0f} req/s); ray.init took {init_s:.1f} s (not counted)\n")
+        print("| path | wall s | req/s | of ideal | CPU s (all processes) |")
+        print("|---|---|---|---|---|")
+        for label, n, wall, cpu, ide in rows:
+            print(f"| {label} | {wall:.2f} | {n / wall:.0f} | {n / wall / ide:.2f} | {cpu:.2f} |")
+        print(f"\npipeline / runner throughput: {single_wall / ray_wall:.2f}; target >= 0.8")
+
+        # (b) 1 node vs 2 nodes, stub latency as the bottleneck
+        from ray.cluster_utils import Cluster
+
+        (d / "nodes").mkdir()
+        reviews, items = _write_inputs(d / "nodes", args.node_tasks)
+        proc, url = start_stub(0.2)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "resources": {"llm_node": 1}, "object_store_memory": 150 * 2**20, "include_dashboard": False})
+        node_rows = []
+        try:
+            cluster.add_node(num_cpus=1, resources={"llm_node": 1}, object_store_memory=150 * 2**20)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False)
+            for n_nodes in (1, 2):
+                pcfg = _pipeline_config(d / "nodes", url, reviews, items, f"n{n_nodes}", n_nodes, 4, 64,
+                                        {"llm_node": 1})
+                c0, t0 = _tree_cpu(), time.perf_counter()
+                result = run_pipeline(pcfg, log=lambda m: None)
+                node_rows.append((n_nodes, time.perf_counter() - t0, _tree_cpu() - c0))
+                assert result.stage_summaries["summaries"]["done"] == args.node_tasks
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            stop_stub(proc)
+    print(f"\n(b) summaries of {args.node_tasks} items, one actor of 4 connections per node, stub 200 ms "
+          f"(ideal {4 / 0.2:.0f} req/s per node)\n")
+    print("| nodes | wall s | req/s | CPU s (all processes) |")
+    print("|---|---|---|---|")
+    for n_nodes, wall, cpu in node_rows:
+        print(f"| {n_nodes} | {wall:.2f} | {args.node_tasks / wall:.1f} | {cpu:.2f} |")
+    print(f"\n2 nodes / 1 node throughput: {node_rows[0][1] / node_rows[1][1]:.2f}; target >= 1.6")
+    print(f"load average after: {_load()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["index", "serve", "pipeline"])
@@ -175,15 +327,16 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=18765)
-    args, rest = parser.parse_known_args()
+    parser.add_argument("--tasks", type=int, default=3000, help="pipeline: summary tasks for the local comparison")
+    parser.add_argument("--concurrency", type=int, default=16, help="pipeline: requests in flight in total")
+    parser.add_argument("--node-tasks", type=int, default=400, help="pipeline: tasks of the 1-vs-2-node comparison")
+    args = parser.parse_args()
     if args.part == "index":
         bench_index(args)
     elif args.part == "serve":
         bench_serve(args)
     else:
-        from persona4rec.scale.pipeline import benchmark_main
-
-        benchmark_main(rest)
+        bench_pipeline(args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ a shared path on a multi-node cluster). A killed and restarted pipeline therefor
 duplicates nothing, and pays again only for the requests that were in flight.
 
 Requests in flight are bounded twice: each actor's ChatClient has ``concurrency`` connections,
-and a named Ray actor (one per endpoint URL) hands out at most ``max_in_flight`` slots over
-the whole cluster.
+and a named Ray actor (one per endpoint URL) leases at most ``max_in_flight`` slots over the whole
+cluster (per partition, not per request: see :class:`InFlightLimiter`).
 
 Configuration (TOML; relative paths are relative to the config file)::
 
@@ -44,6 +44,7 @@ Configuration (TOML; relative paths are relative to the config file)::
     stages = ["aspects", "summaries", "personas"]   # add "select" for the judge's training pairs
     actors = 2                           # LLM actor pool size
     partitions = 16                      # fixed for the life of `out` (the caches are per partition)
+    actor_resources = {}                 # custom Ray resources per LLM actor, e.g. {"llm_node" = 1}: one per node
 
     [encoder]
     model_dir = "..."                    # optional; default: the project's default encoder
@@ -94,6 +95,7 @@ class PipelineConfig:
     stages: tuple[str, ...] = ("aspects", "summaries", "personas")
     actors: int = 2
     partitions: int = 16
+    actor_resources: dict[str, float] = field(default_factory=dict)
     max_reviews_per_item: int = 40
     review_text_tokens: int = 256
     history_size: int = 10
@@ -159,6 +161,10 @@ class PipelineConfig:
                     "targets_per_user"):
             if key in run:
                 setattr(cfg, key, int(run.pop(key)))
+        resources = run.pop("actor_resources", {})
+        if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+            raise PipelineConfigError("[run] actor_resources must be a table of resource name = amount")
+        cfg.actor_resources = {str(k): float(v) for k, v in resources.items()}
         if "like_threshold" in run:
             cfg.like_threshold = float(run.pop("like_threshold"))
         cfg.encoder_dir = path_of(enc, "model_dir", "encoder")
@@ -227,35 +233,44 @@ def read_stage_records(stage_dir: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- Ray pieces
 class InFlightLimiter:
-    """Cluster-wide slots for requests to one endpoint (a named async Ray actor)."""
+    """Cluster-wide request slots for one endpoint (a named async Ray actor).
+
+    Workers lease several slots at once for a whole partition (one call to take them, one to give
+    them back) instead of one call per request: two actor calls per request cost more CPU than the
+    requests themselves. The sum of leases never exceeds ``limit``, so neither do the requests."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._sem = asyncio.Semaphore(limit)
-        self.in_flight = 0
+        self.free = limit
         self.peak = 0
-        self.granted = 0
+        self.leases = 0
+        self._changed = asyncio.Condition()
 
-    async def acquire(self) -> None:
-        await self._sem.acquire()
-        self.in_flight += 1
-        self.granted += 1
-        self.peak = max(self.peak, self.in_flight)
+    async def lease(self, want: int) -> int:
+        """Wait for at least one free slot, then take up to ``want``; returns how many were taken."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free > 0)
+            got = min(want, self.free)
+            self.free -= got
+            self.leases += 1
+            self.peak = max(self.peak, self.limit - self.free)
+            return got
 
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._sem.release()
+    async def give_back(self, n: int) -> None:
+        async with self._changed:
+            self.free += n
+            self._changed.notify_all()
 
     def stats(self) -> dict[str, int]:
-        return {"limit": self.limit, "in_flight": self.in_flight, "peak": self.peak, "granted": self.granted}
+        return {"limit": self.limit, "leased_now": self.limit - self.free, "peak": self.peak, "leases": self.leases}
 
 
 class _LimitedClient:
-    """A ChatClient whose calls first take a cluster-wide slot; the JobRunner sees a ChatClient."""
+    """A ChatClient bounded to the slots its worker leased; the JobRunner sees a ChatClient."""
 
-    def __init__(self, client, limiter):
+    def __init__(self, client, slots: int):
         self._client = client
-        self._limiter = limiter
+        self._slots = asyncio.Semaphore(slots)
 
     @property
     def config(self):
@@ -266,11 +281,8 @@ class _LimitedClient:
         return self._client.response_format
 
     async def complete(self, messages, schema=None, stage="chat"):
-        await self._limiter.acquire.remote()
-        try:
+        async with self._slots:
             return await self._client.complete(messages, schema, stage)
-        finally:
-            self._limiter.release.remote()
 
 
 class StageWorker:
@@ -304,11 +316,15 @@ class StageWorker:
         from persona4rec.llm.jobs import JobRunner
 
         runner_stage = RUNNER_STAGE[self.stage]
-        async with ChatClient(self.config) as client:
-            runner = JobRunner(_LimitedClient(client, self.limiter), runner_stage, self.prompts.tag,  # type: ignore[arg-type]
-                               self.prompts.fingerprint, self.stage_dir / f"{_part_name(part)}.cache.jsonl",
-                               progress=False, stage_fingerprint=self.prompts.stage_fingerprint(runner_stage))
-            return await runner.run(tasks, self.stage_dir / f"{_part_name(part)}.jsonl")
+        slots = await self.limiter.lease.remote(self.config.concurrency)
+        try:
+            async with ChatClient(self.config) as client:
+                runner = JobRunner(_LimitedClient(client, slots), runner_stage, self.prompts.tag,  # type: ignore[arg-type]
+                                   self.prompts.fingerprint, self.stage_dir / f"{_part_name(part)}.cache.jsonl",
+                                   progress=False, stage_fingerprint=self.prompts.stage_fingerprint(runner_stage))
+                return await runner.run(tasks, self.stage_dir / f"{_part_name(part)}.jsonl")
+        finally:
+            await self.limiter.give_back.remote(slots)
 
 
 class EncodeWorker:
@@ -441,8 +457,9 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None, log=print) 
             total = _empty_summary(stage, len(tasks))
             if rows:
                 ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+                extra = {"resources": cfg.actor_resources} if cfg.actor_resources else {}
                 out = ds.map_batches(
-                    StageWorker, batch_size=1, concurrency=min(cfg.actors, len(rows)), num_cpus=0.5,
+                    StageWorker, batch_size=1, concurrency=min(cfg.actors, len(rows)), num_cpus=0.5, **extra,
                     fn_constructor_kwargs=dict(stage=stage, client_config=config_dict, domain=cfg.domain,
                                                prompt_version=prompts.version, stage_dir=str(stage_dir),
                                                limiter_name=limiter_name, namespace=namespace))
@@ -568,7 +585,3 @@ def main(config_path: str, *, address: str | None = None) -> int:
     print(json.dumps({"index": str(result.index_dir) if result.index_dir else None, "n_items": result.n_items,
                       "n_personas": result.n_personas, "pending": result.pending, "seconds": result.seconds}))
     return 1 if result.pending else 0
-
-
-def benchmark_main(argv: list[str]) -> None:  # pragma: no cover - see benchmarks/bench_scale.py
-    raise SystemExit("the pipeline benchmark is not implemented yet: see docs/scaling.md")
