@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-             "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = "1"  # every baseline on one thread, like the core's calls here
+if __name__ == "__main__":  # before numpy loads BLAS; importing this module (tests) leaves the environment alone
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[_var] = "1"  # every baseline on one thread, like the core's calls here
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -56,6 +57,17 @@ def optional(name: str):
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+# Import order matters: usearch's extension carries its own copy of the SimSIMD/NumKong kernels,
+# and with usearch loaded first we saw simsimd.cdist reject int8 inputs ("Input tensors must have
+# matching datatypes") and numkong run an AVX-VNNI kernel this AVX-512 VNNI CPU lacks (SIGILL).
+PEER_MODULES = ("numkong", "simsimd", "faiss", "hnswlib", "usearch.index")
+
+
+def load_peers(skip: set[str] | frozenset[str] = frozenset()) -> dict:
+    """The peer modules that import (None for skipped or missing ones), in the order above."""
+    return {m: None if m.split(".")[0] in skip else optional(m) for m in PEER_MODULES}
 
 
 def installed_version(distribution: str) -> str:
@@ -367,12 +379,15 @@ def main() -> None:
     parser.add_argument("--build-threads", type=int, default=os.cpu_count() or 1,
                         help="threads for graph builds only; every query runs on one thread")
     parser.add_argument("--skip-ann", action="store_true", help="skip the (slow to build) graphs")
+    parser.add_argument("--skip-peers", default="", help="comma-separated modules not to import, e.g. numkong,faiss")
     args = parser.parse_args()
     n_items = args.items or (20_000 if args.quick else 200_000)
     n_ann = min(n_items, args.ann_items or (4_000 if args.quick else 40_000))
 
-    faiss, hnswlib, numkong, simsimd = (optional(m) for m in ("faiss", "hnswlib", "numkong", "simsimd"))
-    usearch_index = optional("usearch.index")
+    skipped = {m.strip() for m in args.skip_peers.split(",") if m.strip()}
+    modules = load_peers(skipped)
+    faiss, hnswlib, numkong, simsimd = (modules[m] for m in ("faiss", "hnswlib", "numkong", "simsimd"))
+    usearch_index = modules["usearch.index"]
     if faiss is not None:
         faiss.omp_set_num_threads(1)
     pools = pin_blas_threads()
@@ -383,7 +398,7 @@ def main() -> None:
     for name, mod in (("faiss-cpu", faiss), ("hnswlib", hnswlib), ("numkong", numkong), ("simsimd", simsimd),
                       ("usearch", usearch_index)):
         versions.append(f"{name} {installed_version(name)}" if mod is not None else f"{name} SKIPPED "
-                        "(not installed: pip install 'persona4rec[bench]')")
+                        "(--skip-peers, or not installed: pip install 'persona4rec[bench]')")
     print("peers: " + "; ".join(versions))
     print(pools)
     if numkong is not None:
