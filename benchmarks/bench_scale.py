@@ -5,6 +5,7 @@ Run from the repository root (each part can run alone):
     .venv/bin/python benchmarks/bench_scale.py index      # 1,000,000 personas: 4 shards vs one index
     .venv/bin/python benchmarks/bench_scale.py serve      # HTTP through Ray Serve vs in-process sharded search
     .venv/bin/python benchmarks/bench_scale.py pipeline   # Ray Data pipeline vs the single-process job runner
+    PERSONA4REC_SHARED=/work/shared .venv/bin/python benchmarks/bench_scale.py cost   # LLM tokens per item
 
 Every row gives wall time and this process's CPU time (``time.process_time``: user + system of all
 its threads) side by side, and ratios come from the same run. Timings alternate between the two
@@ -30,6 +31,11 @@ The load average before each part is printed.
   (``ray.cluster_utils.Cluster``, both nodes on this machine, one LLM actor per node pinned by a
   custom resource, 4 connections each, 200 ms per answer so that the stub's latency is the
   bottleneck) vs the same run on 1 node. Target: >= 1.6x.
+* ``cost``: the pipeline's own token accounting on ``--cost-items`` MI-5core items (their latest
+  review held out) against a stub that answers with real gpt-4o-mini outputs of the paper's sample
+  (``persona4rec-sample/amazon``: aspects, summaries, personas) and no usage block, so the client
+  counts prompt and completion tokens at 4 characters per token; priced at ``--prices``
+  (default gpt-4o-mini list prices, USD per 1M tokens) and scaled per item and per review.
 """
 
 from __future__ import annotations
@@ -317,9 +323,104 @@ def bench_pipeline(args) -> None:
     print(f"load average after: {_load()}")
 
 
+class SampleAnswers:
+    """Stub responder: each stage answered with a real LLM output of the paper's published sample."""
+
+    def __init__(self, shared: Path):
+        import gzip
+        import json
+
+        from persona4rec.llm.prompts import load_prompt_set
+
+        base = shared / "data" / "persona4rec-sample" / "amazon"
+
+        def rows(name):
+            with gzip.open(base / name, "rt", encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+
+        fields = [f["name"] for f in load_prompt_set("product").config["aspects"]]
+        self.aspects = []
+        for r in rows("1_aspects.jsonl.gz"):
+            a = r["extracted_aspects"]
+            self.aspects.append({k: a.get(k) or "not stated" for f in fields for k in (f, f + "_reason")})
+        self.summaries = [r["item_summary"] for r in rows("2_summary.jsonl.gz")]
+        self.personas = [r["personas"] for r in rows("3_personas.jsonl.gz") if len(r["personas"]) >= 2]
+        self.n = 0
+
+    def __call__(self, body: dict, n: int):
+        import json
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from llm_fixtures.stub_server import chat_reply_without_usage
+
+        self.n += 1
+        stage = body["response_format"]["json_schema"]["name"]
+        if stage == "aspects":
+            answer = self.aspects[self.n % len(self.aspects)]
+        elif stage == "summary":
+            answer = {"summary": self.summaries[self.n % len(self.summaries)]}
+        else:
+            personas = self.personas[self.n % len(self.personas)]
+            if "exactly 1" in body["messages"][1]["content"]:
+                personas = personas[:1]
+            answer = {"personas": [{k: p[k] for k in ("Name", "Description", "Preference_Rationale")}
+                                   for p in personas[:7]]}
+        return chat_reply_without_usage(json.dumps(answer))
+
+
+def bench_cost(args) -> None:
+    import json
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from llm_fixtures.stub_server import StubServer
+    from scale_helpers import review_subset
+
+    from persona4rec.scale.pipeline import PipelineConfig, run_pipeline
+
+    shared = Path(os.environ.get("PERSONA4REC_SHARED", ""))
+    if not (shared / "data" / "amazon-mi-5core").is_dir():
+        raise SystemExit("set PERSONA4REC_SHARED to the shared data folder")
+    prices = json.loads(args.prices)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        items, held = review_subset(shared, d / "reviews.jsonl", n_items=args.cost_items)
+        (d / "held_out.txt").write_text("\n".join(held) + "\n")
+        n_reviews = sum(1 for _ in open(d / "reviews.jsonl"))
+        with StubServer(SampleAnswers(shared)) as server:
+            cfg = PipelineConfig.from_dict({
+                "data": {"reviews": str(d / "reviews.jsonl"), "exclude_review_ids": str(d / "held_out.txt"),
+                         "items": str(shared / "data" / "amazon-mi-5core" / "items.csv")},
+                "endpoint": {"base_url": server.base_url, "model": "stub", "api_key_env": "", "concurrency": 8,
+                             "max_in_flight": 16, "prices": prices},
+                "run": {"out": str(d / "out"), "stages": ["aspects", "summaries", "personas"], "actors": 2,
+                        "partitions": 4},
+                "encoder": {"enabled": False}})
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+            try:
+                result = run_pipeline(cfg, log=lambda m: None)
+            finally:
+                ray.shutdown()
+    print(f"{len(items)} MI-5core items, {n_reviews} reviews ({len(held)} held out); prices {prices} USD per 1M "
+          "tokens; tokens counted by the client at 4 characters per token (the stub sends no usage block)\n")
+    print("| stage | calls | prompt tokens | completion tokens | cost USD |")
+    print("|---|---|---|---|---|")
+    total = 0.0
+    for stage, s in result.stage_summaries.items():
+        cost = s.get("estimated_cost_usd", 0.0)
+        total += cost
+        print(f"| {stage} | {s['done']} | {s['prompt_tokens']} | {s['completion_tokens']} | {cost:.5f} |")
+    per_item = total / len(items)
+    print(f"\ntotal ${total:.4f}: ${per_item:.6f} per item at {n_reviews / len(items):.1f} reviews per item; "
+          f"10M such items: ${per_item * 1e7:,.0f} (online prices; the Batch API halves it)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["index", "serve", "pipeline"])
+    parser.add_argument("part", choices=["index", "serve", "pipeline", "cost"])
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--personas", type=int, default=5)
     parser.add_argument("--dim", type=int, default=384)
@@ -330,13 +431,17 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000, help="pipeline: summary tasks for the local comparison")
     parser.add_argument("--concurrency", type=int, default=16, help="pipeline: requests in flight in total")
     parser.add_argument("--node-tasks", type=int, default=400, help="pipeline: tasks of the 1-vs-2-node comparison")
+    parser.add_argument("--cost-items", type=int, default=30)
+    parser.add_argument("--prices", default='{"prompt": 0.15, "completion": 0.6}')
     args = parser.parse_args()
     if args.part == "index":
         bench_index(args)
     elif args.part == "serve":
         bench_serve(args)
-    else:
+    elif args.part == "pipeline":
         bench_pipeline(args)
+    else:
+        bench_cost(args)
 
 
 if __name__ == "__main__":
