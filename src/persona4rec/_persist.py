@@ -515,9 +515,7 @@ def _load(path: Path, *, mmap: bool, verify: bool) -> dict:
 
 
 def _read_graph_file_v1(path: Path, a: dict) -> dict:
-    """A format-1 graph file: read once, checked against the index header, parsed."""
-    from persona4rec._ann import parse_hnswlib_file
-
+    """A format-1 graph file: read once and checked against the index header."""
     name = a.get("file")
     _expect(isinstance(name, str) and "/" not in name and name not in ("", ".", ".."), path,
             "the ANN entry names no graph file")
@@ -530,5 +528,5 @@ def _read_graph_file_v1(path: Path, a: dict) -> dict:
         raise _fail(graph_path, f"truncated or extended graph file ({len(data)} bytes, expected {a.get('size')})")
     if checksum64_v1(data) != a.get("checksum"):
         raise _fail(graph_path, "the graph file is corrupted (checksum mismatch)")
-    state, arrays = parse_hnswlib_file(data, graph_path)
-    return {"meta": dict(a, hnswlib=state), "arrays": arrays, "source": str(graph_path)}
+    # hnswlib's own file layout is parsed by the graph layer (persona4rec._ann).
+    return {"meta": a, "hnswlib_file": data, "source": str(graph_path)}

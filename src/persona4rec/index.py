@@ -877,10 +877,14 @@ class PersonaIndex:
         parts = _persist.load_index(Path(path), mmap=mmap, verify=verify)
         ann = None
         if parts["ann"] is not None:
-            from persona4rec._ann import PersonaGraph
+            from persona4rec._ann import PersonaGraph, parse_hnswlib_file
 
-            ann = PersonaGraph.from_sections(parts["ann"]["meta"], parts["ann"]["arrays"], parts["codes"],
-                                             parts["scales"], source=parts["ann"]["source"])
+            stored = parts["ann"]
+            if "hnswlib_file" in stored:  # format 1: the graph in hnswlib's own file layout
+                scalars, arrays = parse_hnswlib_file(stored["hnswlib_file"], Path(stored["source"]))
+                stored = {"meta": dict(stored["meta"], hnswlib=scalars), "arrays": arrays, "source": stored["source"]}
+            ann = PersonaGraph.from_sections(stored["meta"], stored["arrays"], parts["codes"], parts["scales"],
+                                             source=stored["source"])
         ids = parts["ids"]
         snap = _Snapshot(codes=parts["codes"], scales=parts["scales"], offsets=parts["offsets"], ids=ids,
                          id_kind=parts["id_kind"], id_to_index=_IdMap(ids, parts["id_kind"]),
