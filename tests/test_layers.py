@@ -79,10 +79,6 @@ KNOWN_BACKWARD_ARROWS: dict[tuple[str, str], str] = {
         "persona4rec.export",
     ): "loading the default encoder exports it with torch on first use (function-level import, floor 2 -> 3)",
     (
-        "persona4rec.data.registry",
-        "persona4rec.encoder",
-    ): "the data layer takes the cache directory from the encoder (function-level import, sideways on floor 2)",
-    (
         "persona4rec.train.experiment",
         "persona4rec.evaluation",
     ): "the alignment experiments call the evaluation harness (function-level imports, floor 5 -> 6)",

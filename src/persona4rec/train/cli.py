@@ -196,7 +196,7 @@ def run(args) -> int:
     if args.read_only_cache:
         from pathlib import Path
 
-        from persona4rec.encoder import default_cache_dir
+        from persona4rec.paths import default_cache_dir
         from persona4rec.profile import InteractionEmbeddingCache
 
         folder = Path(cache) if cache else default_cache_dir() / "interactions" / encoder.fingerprint
