@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
-from persona4rec.train.pairs import find_selection, read_choice
+from persona4rec.selection import find_selection, read_choice
 
 from .client import ChatClient, ClientConfig
 from .jobs import JobRunner, RunSummary, Task
@@ -309,7 +309,7 @@ def parse_selection(text: str, persona_ids: list[str]) -> dict[str, Any]:
     Handles the forms gpt-4o-mini produced for the paper ("Selection: 3. X_P3",
     "**Selection:** 2. X_P2") as well as ``{"reasoning": ..., "selection": "X_P2"}``.
     When the prose carries both a number and a persona id, the id wins. Prose is read by
-    :func:`persona4rec.train.pairs.find_selection` (strict: only the line after the last
+    :func:`persona4rec.selection.find_selection` (strict: only the line after the last
     "Selection:" marker counts), the same rule that reads stored judge rows for training;
     a missing, unresolvable or out-of-range choice raises :class:`SchemaError` for repair.
     """
