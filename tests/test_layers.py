@@ -76,10 +76,6 @@ KNOWN_BACKWARD_ARROWS: dict[tuple[str, str], str] = {
         "persona4rec.export",
     ): "loading the default encoder exports it with torch on first use (function-level import, floor 2 -> 3)",
     (
-        "persona4rec.train.experiment",
-        "persona4rec.evaluation",
-    ): "the alignment experiments call the evaluation harness (function-level imports, floor 5 -> 6)",
-    (
         "persona4rec.scale.pipeline",
         "persona4rec.llm.cli",
     ): "the Ray pipeline takes leakage_guard from the LLM command line (function-level import, floor 6 -> 8)",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from persona4rec.train import Adapter, AdapterConfig
-from persona4rec.train.experiment import (
+from persona4rec.evaluation.alignment import (
     format_table,
     persona_set,
     prepare_evaluation,
@@ -163,7 +163,7 @@ def test_cli_is_registered_and_parses():
 
 
 def test_validation_only_run_never_ranks_test(evaluation, monkeypatch):
-    import persona4rec.train.experiment as ex
+    import persona4rec.evaluation.alignment as ex
 
     real = ex.rank_phase
     phases = []
@@ -181,7 +181,7 @@ def test_validation_only_run_never_ranks_test(evaluation, monkeypatch):
 
 
 def test_fusion_with_ease_chooses_alpha_on_validation(evaluation):
-    import persona4rec.train.experiment as ex
+    import persona4rec.evaluation.alignment as ex
     from persona4rec.evaluation.candidates import fuse
     from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
 
@@ -234,7 +234,7 @@ def test_pairs_on_real_mi5core_come_only_from_training_interactions():
 
 @pytest.mark.parametrize("kind", ["extractive", "reviews"])
 def test_finetune_text_pairs_reproduce_the_profiler_and_labels(evaluation, kind):
-    from persona4rec.train.experiment import finetune_data, finetune_pairs
+    from persona4rec.evaluation.alignment import finetune_data, finetune_pairs
 
     ev = evaluation
     data = finetune_data(ev, kind)
@@ -257,7 +257,7 @@ def test_finetune_text_pairs_reproduce_the_profiler_and_labels(evaluation, kind)
 
 def test_tower_scorer_with_base_vectors_reproduces_the_harness(evaluation):
     from persona4rec.evaluation.metrics import ndcg
-    from persona4rec.train.experiment import TowerScorer, finetune_data
+    from persona4rec.evaluation.alignment import TowerScorer, finetune_data
 
     ev = evaluation
     data = finetune_data(ev, "reviews")
@@ -280,7 +280,7 @@ def test_finetune_experiment_end_to_end(evaluation, tiny_model, tmp_path):
     re-run with the exported encoder -> paired comparison with the base encoder."""
     pytest.importorskip("optimum")
     from persona4rec.encoder import Encoder
-    from persona4rec.train.experiment import format_finetune_table, run_finetune_experiment
+    from persona4rec.evaluation.alignment import format_finetune_table, run_finetune_experiment
     from persona4rec.train.finetune import FinetuneConfig
 
     config = FinetuneConfig(trainable_layers=1, lora_rank=4, epochs=2, batch_size=16, max_length=32, threads=1)

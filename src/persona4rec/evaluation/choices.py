@@ -1,7 +1,7 @@
 """The one home of choices made on validation: CF hyper-parameters and the fusion weight.
 
 The harness (:mod:`persona4rec.evaluation.runner`) and the alignment experiments
-(:mod:`persona4rec.train.experiment`) both choose through these functions, on validation
+(:mod:`persona4rec.evaluation.alignment`) both choose through these functions, on validation
 NDCG@10, and never look at test scores to choose.
 """
 

@@ -111,7 +111,7 @@ def run_finetune(args) -> int:
 
     from persona4rec.encoder import load_default_encoder, packaged_model_source
     from persona4rec.evaluation.runner import EvaluationConfig
-    from persona4rec.train.experiment import format_finetune_table, prepare_evaluation, run_finetune_experiment
+    from persona4rec.evaluation.alignment import format_finetune_table, prepare_evaluation, run_finetune_experiment
     from persona4rec.train.finetune import FinetuneConfig
 
     config = FinetuneConfig(
@@ -160,7 +160,7 @@ def run(args) -> int:
     from persona4rec.encoder import load_default_encoder
     from persona4rec.evaluation.runner import EvaluationConfig
     from persona4rec.train.adapter import AdapterConfig
-    from persona4rec.train.experiment import (
+    from persona4rec.evaluation.alignment import (
         DEFAULT_VARIANTS,
         PERSONA_KINDS,
         format_table,
