@@ -30,10 +30,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ENCODER = ROOT / "tests" / "encoder_fixtures" / "tiny_model"
 COMPARED = ("key", "status", "item_id", "review_id", "review_ids", "aspects", "summary", "personas",
-            "selected_persona_id", "leakage_guard")
+            "user_id", "target_item_id", "selected_persona_id", "reasoning", "leakage_guard")
 
 
 def _config(tmp_path: Path, base_url: str, reviews: Path, held_out: Path, items: Path, **run) -> Path:
+    run = {"stages": ["aspects", "summaries", "personas"], **run}
     run_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in run.items())
     text = f"""
 [data]
@@ -53,7 +54,6 @@ max_retries = 2
 
 [run]
 out = "{tmp_path / 'out'}"
-stages = ["aspects", "summaries", "personas"]
 {run_lines}
 
 [encoder]
@@ -90,7 +90,7 @@ def _single_process(tmp_path: Path, base_url: str, reviews: Path, held_out: Path
     """The same stages run by persona4rec.llm in this process, and the index built from their personas."""
     import asyncio
 
-    from persona4rec.encoder import load_default_encoder
+    from persona4rec import load_default_encoder  # the public name: stable across the encoder refactor
     from persona4rec.llm import stages
     from persona4rec.llm.client import ClientConfig
     from persona4rec.llm.inputs import load_items, load_reviews
@@ -121,10 +121,16 @@ def _single_process(tmp_path: Path, base_url: str, reviews: Path, held_out: Path
     for t in persona_tasks:
         t.meta["leakage_guard"] = guard
     personas = run(persona_tasks, "personas", "personas")
+    requests = stages.selection_requests(revs, excluded, 10, 1)
+    selection_tasks = stages.selection_tasks(requests, personas, prompts, stages.summaries_from_records(summaries),
+                                             all_items, 4.0, aspects)
+    for t in selection_tasks:
+        t.meta["leakage_guard"] = guard
+    selection = run(selection_tasks, "select", "selection")
     ids, texts, offsets, records = persona_catalog(personas)
     encoder = load_default_encoder(model_dir=TINY_ENCODER, export_if_missing=False)
     index = PersonaIndex.build(ids, encoder.encode(texts), np.asarray(offsets), records, encoder=encoder)
-    return {"aspects": aspects, "summaries": summaries, "personas": personas}, index
+    return {"aspects": aspects, "summaries": summaries, "personas": personas, "select": selection}, index
 
 
 def _comparable(records):
@@ -139,12 +145,12 @@ def test_pipeline_matches_the_single_process_stages(local_ray, mi_reviews, tmp_p
     reviews, held_out, items, items_path = mi_reviews
     with StubServer(ScriptedLLM()) as server:
         cfg = PipelineConfig.from_toml(_config(tmp_path, server.base_url, reviews, held_out, items_path, actors=2,
-                                               partitions=6))
+                                               partitions=6, stages=["aspects", "summaries", "personas", "select"]))
         result = run_pipeline(cfg, log=lambda m: None)
         in_flight_peak = server.max_in_flight
         single_records, single_index = _single_process(tmp_path, server.base_url, reviews, held_out, items_path)
     assert result.pending == 0 and result.index_dir is not None
-    for stage in ("aspects", "summaries", "personas"):
+    for stage in ("aspects", "summaries", "personas", "select"):
         distributed = read_stage_records(cfg.out / stage)
         assert len({r["key"] for r in distributed}) == len(distributed) > 0
         assert _comparable(distributed) == _comparable(single_records[stage]), stage
