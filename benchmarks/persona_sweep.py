@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main() -> None:
-    from persona4rec.encoder import load_default_encoder
+    from persona4rec.default_model import load_default_encoder
     from persona4rec.evaluation.metrics import ndcg, ranks_from_scores
     from persona4rec.evaluation.runner import Evaluation, EvaluationConfig, index_scores, make_index
     from persona4rec.evaluation.candidates import exclude_history

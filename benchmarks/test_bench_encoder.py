@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from persona4rec.encoder import Encoder, ModelNotFoundError, load_default_encoder
+from persona4rec.default_model import load_default_encoder
+from persona4rec.encoder import Encoder, ModelNotFoundError
 from persona4rec.profile import Interaction, UserProfiler
 
 WORDS = (

@@ -301,10 +301,15 @@ def test_packaged_model_uses_its_cached_export(isolated: Path, monkeypatch, tmp_
     source = tmp_path / "pkg_model"
     source.mkdir()
     monkeypatch.setattr(encoder_module, "packaged_model_source", lambda: source)
-    with pytest.raises(ModelNotFoundError, match="ships no model.onnx.*export_if_missing=False"):
-        resolve_model_dir(export_if_missing=False)
+    # Resolution never exports: it names the missing export and who makes it.
+    with pytest.raises(ModelNotFoundError, match="ships no model.onnx.*load_default_encoder"):
+        resolve_model_dir()
+    from persona4rec.default_model import load_default_encoder
+
+    with pytest.raises(ModelNotFoundError, match="ships no model.onnx"):
+        load_default_encoder(export_if_missing=False)
     shutil.copytree(TINY, isolated / "encoders" / "all-MiniLM-L6-v2")
-    assert resolve_model_dir(export_if_missing=False) == isolated / "encoders" / "all-MiniLM-L6-v2"
+    assert resolve_model_dir() == isolated / "encoders" / "all-MiniLM-L6-v2"
 
 
 def test_packaged_model_export_without_export_extra(isolated: Path, monkeypatch, tmp_path: Path) -> None:
@@ -315,8 +320,11 @@ def test_packaged_model_export_without_export_extra(isolated: Path, monkeypatch,
         (source / name).write_text("{}")
     monkeypatch.setattr(encoder_module, "packaged_model_source", lambda: source)
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # import fails as if absent
+    from persona4rec import default_model
+
+    monkeypatch.setattr(default_model, "packaged_model_source", lambda: source)
     with pytest.raises(ImportError, match=r"persona4rec\[export\]"):
-        resolve_model_dir()
+        default_model.load_default_encoder()
 
 
 def test_default_cache_dir_order(monkeypatch, tmp_path: Path) -> None:

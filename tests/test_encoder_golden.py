@@ -20,7 +20,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
 
-from persona4rec.encoder import Encoder, ModelNotFoundError, load_default_encoder, packaged_model_source  # noqa: E402
+from persona4rec.default_model import load_default_encoder  # noqa: E402
+from persona4rec.encoder import Encoder, ModelNotFoundError, packaged_model_source  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "encoder_fixtures"
 GOLDEN_TEXTS = json.loads((FIXTURES / "golden_texts.json").read_text(encoding="utf-8"))

@@ -207,13 +207,13 @@ def test_missing_or_corrupt_files_are_named(tmp_path: Path, content, message: st
 
 
 def test_cli_turns_a_bad_adapter_into_a_clear_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import persona4rec.encoder
+    import persona4rec.default_model
     from persona4rec.cli import build_parser
 
     def no_encoder(**kwargs):
         raise AssertionError("a bad adapter file must fail before the encoder loads")
 
-    monkeypatch.setattr(persona4rec.encoder, "load_default_encoder", no_encoder)
+    monkeypatch.setattr(persona4rec.default_model, "load_default_encoder", no_encoder)
     missing = tmp_path / "nope.npz"
     args = build_parser().parse_args(["evaluate", "--adapter", str(missing), "--out", str(tmp_path / "r")])
     assert args.adapter == str(missing)
@@ -225,7 +225,7 @@ def test_cli_turns_a_bad_adapter_into_a_clear_exit(tmp_path: Path, monkeypatch: 
         args.func(args)
     assert str(info.value).startswith("persona4rec evaluate: --adapter:") and str(missing) in str(info.value)
     # a readable file of the wrong dimension fails once the encoder is known, before the data loads
-    monkeypatch.setattr(persona4rec.encoder, "load_default_encoder", lambda **kwargs: HashEncoder())
+    monkeypatch.setattr(persona4rec.default_model, "load_default_encoder", lambda **kwargs: HashEncoder())
     wrong = saved(tmp_path, Adapter.identity(DIM + 1), "wrong.npz")
     args = build_parser().parse_args(["evaluate", "--adapter", wrong, "--data-dir", str(tmp_path / "no-data")])
     with pytest.raises(SystemExit, match="maps 33-d vectors but the encoder makes 32-d"):

@@ -10,7 +10,8 @@ path runs), :func:`quantize`, and the errors.
 
 from persona4rec._core import simd_info
 from persona4rec._persist import IndexFormatError
-from persona4rec.encoder import EncoderMismatchError, Encoder, ModelNotFoundError, load_default_encoder
+from persona4rec.default_model import load_default_encoder
+from persona4rec.encoder import EncoderMismatchError, Encoder, ModelNotFoundError
 from persona4rec.index import (
     ConcurrentMutationError,
     PersonaIndex,
@@ -21,8 +22,8 @@ from persona4rec.index import (
 )
 from persona4rec.kernels import quantize
 from persona4rec.profile import EmptyHistoryError, UserProfiler
-from persona4rec.sharded import ShardedPersonaIndex
 from persona4rec.recommender import Recommendation, Recommender
+from persona4rec.sharded import ShardedPersonaIndex
 
 __version__ = "0.1.0"
 __all__ = [

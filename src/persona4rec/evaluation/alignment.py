@@ -55,7 +55,7 @@ def prepare_evaluation(config=None, encoder=None, *, cache: Any = None, progress
 
     config = config or EvaluationConfig()
     if encoder is None:
-        from persona4rec.encoder import load_default_encoder
+        from persona4rec.default_model import load_default_encoder
 
         encoder = load_default_encoder(intra_op_threads=0)
     ev = Evaluation(config, encoder, progress=progress, cache=cache)

@@ -55,7 +55,7 @@ def default_out(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from persona4rec.encoder import load_default_encoder
+    from persona4rec.default_model import load_default_encoder
     from persona4rec.evaluation.provenance import PersonaProvenanceError
     from persona4rec.evaluation.report import markdown_table, write_report
     from persona4rec.evaluation.runner import AdapterFileError, Evaluation, EvaluationConfig, load_adapter

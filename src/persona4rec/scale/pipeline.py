@@ -331,7 +331,7 @@ class EncodeWorker:
     """Ray Data actor: persona texts -> L2-normalised vectors with ONNX Runtime (CUDA when given GPUs)."""
 
     def __init__(self, model_dir: str | None, use_gpu: bool):
-        from persona4rec.encoder import load_default_encoder
+        from persona4rec.default_model import load_default_encoder
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu else ["CPUExecutionProvider"]
         self.encoder = load_default_encoder(model_dir=model_dir, providers=providers, intra_op_threads=0,
@@ -537,7 +537,7 @@ def _encode_and_index(cfg: PipelineConfig, log) -> tuple[Path, int, int]:
     import numpy as np
     import ray.data
 
-    from persona4rec.encoder import load_default_encoder
+    from persona4rec.default_model import load_default_encoder
     from persona4rec.sharded import ShardedPersonaIndex
 
     item_ids, texts, offsets, personas = persona_catalog(read_stage_records(cfg.out / "personas"))

@@ -109,7 +109,8 @@ def _register_finetune(sub) -> None:
 def run_finetune(args) -> int:
     import sys
 
-    from persona4rec.encoder import load_default_encoder, packaged_model_source
+    from persona4rec.default_model import load_default_encoder
+    from persona4rec.encoder import packaged_model_source
     from persona4rec.evaluation.runner import EvaluationConfig
     from persona4rec.evaluation.alignment import format_finetune_table, prepare_evaluation, run_finetune_experiment
     from persona4rec.train.finetune import FinetuneConfig
@@ -157,7 +158,7 @@ def run_finetune(args) -> int:
 def run(args) -> int:
     import sys
 
-    from persona4rec.encoder import load_default_encoder
+    from persona4rec.default_model import load_default_encoder
     from persona4rec.evaluation.runner import EvaluationConfig
     from persona4rec.train.adapter import AdapterConfig
     from persona4rec.evaluation.alignment import (
