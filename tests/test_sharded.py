@@ -389,3 +389,35 @@ def test_failed_save_keeps_the_previous_version(catalog, tmp_path, monkeypatch):
     assert ShardedPersonaIndex.load(tmp_path).search(q, 10)[0].tolist() == changed.search(q, 10)[0].tolist()
     named = {e[k] for e in read_manifest(tmp_path)["shards"] for k in ("file", "ordinals_file")}
     assert {p.name for p in tmp_path.iterdir() if p.name.startswith("shard-")} == named
+
+
+def test_approximate_search_per_shard(tmp_path):
+    """hnswlib graphs per shard: at a generous ef the merged answer is the exact one; graphs survive
+    save/load and reach shards created by later additions; exclusions hold."""
+    pytest.importorskip("hnswlib")
+    rng = np.random.default_rng(4)
+    n_items, dim = 300, 16
+    vecs = rng.standard_normal((n_items * 3, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = [f"a{i}" for i in range(n_items)]
+    offsets = np.arange(0, n_items * 3 + 1, 3)
+    sharded = ShardedPersonaIndex.build(ids, vecs, offsets, n_shards=3)
+    with pytest.raises(RuntimeError, match="build_ann"):
+        sharded.search_approx(vecs[0], 5)
+    sharded.build_ann(M=16, ef_construction=200, ef=400)
+    q = rng.standard_normal((8, dim)).astype(np.float32)
+    exact = sharded.search(q, 10)
+    approx = sharded.search_approx(q, 10, ef=400, overfetch=20)
+    assert approx[0].tolist() == exact[0].tolist()
+    np.testing.assert_array_equal(approx[1], exact[1])
+    assert sharded.recall_at_k(q, 10, ef=400, overfetch=20) == 1.0
+    seen = [exact[0][u, :3].tolist() for u in range(8)]
+    got = sharded.search_approx(q, 10, exclude=seen, ef=400, overfetch=20)[0]
+    assert all(not set(seen[u]) & set(got[u].tolist()) for u in range(8))
+    sharded.save(tmp_path)
+    loaded = ShardedPersonaIndex.load(tmp_path)
+    assert loaded.search_approx(q, 10, ef=400, overfetch=20)[0].tolist() == exact[0].tolist()
+    empty_start = ShardedPersonaIndex.build([], np.zeros((0, dim), np.float32), [0], n_shards=4)
+    empty_start.build_ann()
+    empty_start.add_items(ids, vecs, offsets)  # every shard is created after build_ann
+    assert empty_start.search_approx(q, 10, ef=400, overfetch=20)[0].tolist() == exact[0].tolist()

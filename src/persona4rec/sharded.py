@@ -212,17 +212,21 @@ class IndexShard:
 
     # queries -------------------------------------------------------------
     def topk(self, q2: np.ndarray, k: int, exclude: list | None, allow: list | None, *,
-             return_personas: bool, n_threads: int = 1):
+             return_personas: bool, n_threads: int = 1, approx: dict | None = None):
         """Top-k of this shard for a batch: ``(ids, scores, ordinals, personas)`` arrays of shape
         (n_users, k); pads have score -inf and ordinal int64-max. ``exclude``/``allow`` are one
-        list per user of ids that belong to this shard (unknown ones are ignored)."""
+        list per user of ids that belong to this shard (unknown ones are ignored). ``approx``
+        (``ef``, ``overfetch``) uses the shard's hnswlib graph instead of the exact scan."""
         n_users = len(q2)
         if self.index is None:
             empty = np.empty((n_users, k), dtype=object)
             return (empty, np.full((n_users, k), -np.inf, dtype=np.float32),
                     np.full((n_users, k), _NO_ORDINAL, dtype=np.int64), empty.copy() if return_personas else None)
-        res = self.index.search(q2, k, exclude=exclude, allow=allow, return_personas=return_personas,
-                                unknown="skip", n_threads=n_threads)
+        if approx is not None:
+            res = self.index.search_approx(q2, k, exclude=exclude, return_personas=return_personas, **approx)
+        else:
+            res = self.index.search(q2, k, exclude=exclude, allow=allow, return_personas=return_personas,
+                                    unknown="skip", n_threads=n_threads)
         ids, scores = res[0], res[1]
         ordinals = np.full(scores.shape, _NO_ORDINAL, dtype=np.int64)
         valid = scores > -np.inf
@@ -518,8 +522,9 @@ class ShardedPersonaIndex:
     identical results (ids, scores, persona ids, tie order). See the module docstring."""
 
     def __init__(self, shards: list[IndexShard], *, id_kind: str, dim: int, encoder: dict | None,
-                 next_ordinal: int, n_threads: int | None = None):
+                 next_ordinal: int, n_threads: int | None = None, ann: dict | None = None):
         self._shards = shards
+        self._ann = ann  # build_ann parameters once every shard has a graph; None: exact search only
         self._id_kind = id_kind
         self._dim = int(dim)
         self._encoder = encoder
@@ -587,7 +592,7 @@ class ShardedPersonaIndex:
                 if attempt == 2 or read_manifest(path).get("generation") == meta.get("generation"):
                     raise
         out = cls(shards, id_kind=meta["id_kind"], dim=meta["dim"], encoder=meta.get("encoder"),
-                  next_ordinal=meta["next_ordinal"], n_threads=n_threads)
+                  next_ordinal=meta["next_ordinal"], n_threads=n_threads, ann=meta.get("ann"))
         out._directory = path
         return out
 
@@ -723,6 +728,60 @@ class ShardedPersonaIndex:
             parts = self._map(one, live)
         return format_topk(parts, len(q2), k, single, return_personas, self._id_kind)
 
+    # ------------------------------------------------------------------ approximate search
+    def build_ann(self, M: int = 16, ef_construction: int = 100, ef: int = 128, *, seed: int = 0,
+                  n_threads: int = 1) -> None:
+        """An hnswlib graph per shard (built in parallel threads), for :meth:`search_approx`."""
+        params: dict[str, Any] = {"M": M, "ef_construction": ef_construction, "ef": ef, "seed": seed,
+                                  "n_threads": n_threads}
+        with self._mutation:
+            live = [s for s, sh in enumerate(self._shards) if sh.index is not None]
+
+            def one(s: int) -> None:
+                index = self._shards[s].index
+                assert index is not None
+                index.build_ann(**params)
+                self._shards[s].source = None
+
+            self._map(one, live)
+            self._ann = params
+
+    def search_approx(self, user_vecs: np.ndarray, k: int = 10, exclude: Sequence | None = None, *,
+                      ef: int | None = None, overfetch: int = 4, return_personas: bool = False, encoder=None):
+        """Approximate top-k: :meth:`PersonaIndex.search_approx` on every shard, merged like
+        :meth:`search` (exact int8 scores of the candidates the graphs found). Not identical to one
+        PersonaIndex's approximate search (the graphs differ); measure with :meth:`recall_at_k`."""
+        if self._ann is None:
+            raise RuntimeError("no approximate-search graphs: call build_ann() first")
+        if int(k) != k or k < 0:
+            raise ValueError(f"k must be a non-negative integer, got {k}")
+        k = int(k)
+        q, single = self._query(user_vecs, encoder)
+        q2 = q[None, :] if single else q
+        approx = {"ef": ef, "overfetch": overfetch}
+        with self._rw.read():
+            deny = route_lists(exclude, self.n_shards, len(q2), single, "exclude")
+            live = [s for s, sh in enumerate(self._shards) if sh.index is not None]
+
+            def one(s: int):
+                return self._shards[s].topk(q2, k, None if deny is None else deny[s], None,
+                                            return_personas=return_personas, approx=approx)
+
+            parts = self._map(one, live)
+        return format_topk(parts, len(q2), k, single, return_personas, self._id_kind)
+
+    def recall_at_k(self, user_vecs: np.ndarray, k: int = 10, *, ef: int | None = None, overfetch: int = 4) -> float:
+        """Mean recall@k of :meth:`search_approx` against exact :meth:`search` on these users."""
+        q = np.atleast_2d(np.asarray(user_vecs, dtype=np.float32))
+        exact, _ = self.search(q, k)
+        approx, _ = self.search_approx(q, k, ef=ef, overfetch=overfetch)
+        hits = []
+        for e, a in zip(exact, approx):
+            truth = {x for x in e.tolist() if x is not None and x != -1}
+            if truth:
+                hits.append(len(truth & set(a.tolist())) / len(truth))
+        return float(np.mean(hits)) if hits else 1.0
+
     # ------------------------------------------------------------------ rerank
     def rerank(self, user_vec: np.ndarray, candidate_ids: Sequence[Hashable], base_scores=None,
                alpha: float = 1.0, *, unknown: str = "error", encoder=None) -> ShardedRerankResult:
@@ -791,6 +850,8 @@ class ShardedPersonaIndex:
                     if shard.index is None:
                         shard.index = PersonaIndex.build(s_ids, s_vecs, s_off, s_recs, encoder=self._encoder)
                         shard._ordinals = {}
+                        if self._ann is not None:  # every shard answers search_approx
+                            shard.index.build_ann(**self._ann)
                     else:
                         shard.index.add_items(s_ids, s_vecs, s_off, s_recs)
                     shard.ordinal_map().update(zip(s_ids, (base + pos).tolist()))
@@ -870,6 +931,7 @@ class ShardedPersonaIndex:
                 "encoder": self._encoder,
                 "encoder_fingerprint": (self._encoder or {}).get("fingerprint"),
                 "next_ordinal": self._next_ordinal,
+                "ann": self._ann,
                 "n_items": self.n_items,
                 "n_personas": self.n_personas,
                 "shards": entries,
