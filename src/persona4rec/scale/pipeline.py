@@ -582,6 +582,11 @@ def main(config_path: str, *, address: str | None = None) -> int:
     except (PipelineConfigError, ValueError, OSError) as e:
         print(f"pipeline: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - e.g. a fatal endpoint error (bad key, no quota) raised in an actor
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        print(f"pipeline: stopped: {type(e).__name__}: {lines[-1] if lines else ''}\nfinished records are kept; "
+              "fix the cause and rerun the same command", file=sys.stderr)
+        return 2
     print(json.dumps({"index": str(result.index_dir) if result.index_dir else None, "n_items": result.n_items,
                       "n_personas": result.n_personas, "pending": result.pending, "seconds": result.seconds}))
     return 1 if result.pending else 0
