@@ -243,3 +243,16 @@ def test_killed_driver_then_rerun_loses_and_duplicates_nothing(mi_reviews, tmp_p
     assert before > 0 and llm.paid_twice <= 6, (llm.paid_twice, "more requests paid twice than the in-flight limit")
     assert peak <= 6
     assert ShardedPersonaIndex.load(out / "index").n_items == len(read_stage_records(out / "personas"))
+
+
+def test_fatal_endpoint_error_stops_with_a_message(local_ray, mi_reviews, tmp_path, capsys):
+    """A rejected key (401) stops the run with exit status 2 and a one-line reason, not a traceback."""
+    from llm_fixtures.stub_server import Reply, StubServer
+
+    from persona4rec.scale.pipeline import main
+
+    reviews, held_out, _, items_path = mi_reviews
+    with StubServer(lambda body, n: Reply(401, {"error": {"message": "Incorrect API key provided"}})) as server:
+        status = main(str(_config(tmp_path, server.base_url, reviews, held_out, items_path, actors=1, partitions=2)))
+    err = capsys.readouterr().err
+    assert status == 2 and "pipeline: stopped:" in err and "401" in err and "Traceback" not in err, err[-2000:]

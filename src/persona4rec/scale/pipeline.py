@@ -75,6 +75,10 @@ STAGE_ORDER = ("aspects", "summaries", "personas", "select")
 RUNNER_STAGE = {"aspects": "aspects", "summaries": "summary", "personas": "personas", "select": "selection"}
 
 
+class PipelineStopped(RuntimeError):
+    """The endpoint refused the run as a whole (bad key, no quota): finished records are kept."""
+
+
 class PipelineConfigError(ValueError):
     """A pipeline configuration that cannot run; the message names the key and what to write."""
 
@@ -304,11 +308,17 @@ class StageWorker:
     def __call__(self, batch: dict) -> dict:
         import cloudpickle
 
+        from persona4rec.llm.client import FatalLLMError
+
         summaries = []
         for part, blob in zip(batch["part"], batch["tasks"]):
             tasks = cloudpickle.loads(bytes(blob))
-            summary = asyncio.run(self._run(int(part), tasks))
-            summaries.append(json.dumps(summary.as_dict()))
+            try:
+                summary = asyncio.run(self._run(int(part), tasks)).as_dict()
+            except FatalLLMError as exc:  # reported as data: the driver stops the run with this reason
+                partial = getattr(exc, "summary", None)
+                summary = {**(partial.as_dict() if partial is not None else {}), "fatal": str(exc)}
+            summaries.append(json.dumps(summary))
         return {"part": batch["part"], "summary": summaries}
 
     async def _run(self, part: int, tasks: list):
@@ -464,7 +474,10 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None, log=print) 
                                                prompt_version=prompts.version, stage_dir=str(stage_dir),
                                                limiter_name=limiter_name, namespace=namespace))
                 for row in out.take_all():
-                    _add_summary(total, json.loads(row["summary"]))
+                    part_summary = json.loads(row["summary"])
+                    _add_summary(total, part_summary)
+                    if part_summary.get("fatal"):
+                        total.setdefault("fatal", part_summary["fatal"])
             total["seconds"] = round(time.perf_counter() - t0, 3)
             if cfg.prices:
                 from persona4rec.llm.jobs import RunSummary
@@ -477,6 +490,9 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None, log=print) 
                 f"({total['cached']} from cache), {total['already_done']} already recorded, {total['failed']} failed, "
                 f"{total['pending']} pending; tokens paid: prompt {total['prompt_tokens']}, completion "
                 f"{total['completion_tokens']}; {total['seconds']} s")
+            if total.get("fatal"):
+                raise PipelineStopped(f"{stage}: the endpoint refused the run: {total['fatal']} (tokens paid so far: "
+                                      f"prompt {total['prompt_tokens']}, completion {total['completion_tokens']})")
             if total["pending"]:
                 log(f"{stage}: {total['pending']} tasks still pending after transient errors; rerun the same command "
                     "(finished work is kept)")
@@ -570,6 +586,19 @@ def _encode_and_index(cfg: PipelineConfig, log) -> tuple[Path, int, int]:
 
 
 # --------------------------------------------------------------------------- command line
+def _root_cause(exc: BaseException) -> BaseException:
+    """The error raised in user code, under Ray's wrappers (RayTaskError -> UserCodeException -> ...)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+
 def main(config_path: str, *, address: str | None = None) -> int:
     """`persona4rec pipeline run`: 0 done, 1 tasks pending (rerun), 2 bad configuration or input."""
     try:
@@ -582,9 +611,14 @@ def main(config_path: str, *, address: str | None = None) -> int:
     except (PipelineConfigError, ValueError, OSError) as e:
         print(f"pipeline: {e}", file=sys.stderr)
         return 2
+    except PipelineStopped as e:
+        print(f"pipeline: stopped: {e}\nfinished records are kept; fix the cause and rerun the same command",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - e.g. a fatal endpoint error (bad key, no quota) raised in an actor
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        print(f"pipeline: stopped: {type(e).__name__}: {lines[-1] if lines else ''}\nfinished records are kept; "
+        cause = _root_cause(e)
+        lines = [line for line in str(cause).splitlines() if line.strip()]
+        print(f"pipeline: stopped: {type(cause).__name__}: {lines[0] if lines else ''}\nfinished records are kept; "
               "fix the cause and rerun the same command", file=sys.stderr)
         return 2
     print(json.dumps({"index": str(result.index_dir) if result.index_dir else None, "n_items": result.n_items,
