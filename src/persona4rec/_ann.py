@@ -28,7 +28,7 @@ _MAX_LEVEL = 64  # hnswlib draws levels from an exponential law: real graphs sta
 _MAX_M = 1 << 12
 
 
-def _hnswlib():
+def _hnswlib() -> Any:
     try:
         import hnswlib
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -42,13 +42,13 @@ _SCALARS = ("offset_level0", "max_elements", "cur_element_count", "size_data_per
 
 
 class PersonaGraph:
-    def __init__(self, graph, M: int, ef_construction: int, ef: int, seed: int):
+    def __init__(self, graph: Any, M: int, ef_construction: int, ef: int, seed: int):
         self.graph = graph
         self.M, self.ef_construction, self.ef, self.seed = M, ef_construction, ef, seed
         self._current_ef = ef
 
     @classmethod
-    def build(cls, codes, scales, *, M: int = 16, ef_construction: int = 100, ef: int = 128, seed: int = 0,
+    def build(cls, codes: np.ndarray, scales: np.ndarray, *, M: int = 16, ef_construction: int = 100, ef: int = 128, seed: int = 0,
               n_threads: int = 1, chunk: int = 100_000) -> "PersonaGraph":
         if M < 2 or ef_construction < 1 or ef < 1:
             raise ValueError("M must be >= 2, ef_construction and ef >= 1")
@@ -63,7 +63,7 @@ class PersonaGraph:
         graph.set_ef(ef)
         return cls(graph, M, ef_construction, ef, seed)
 
-    def with_added(self, codes, scales, first_row: int) -> "PersonaGraph":
+    def with_added(self, codes: np.ndarray, scales: np.ndarray, first_row: int) -> "PersonaGraph":
         """The same graph with new rows appended (hnswlib inserts incrementally)."""
         n_new = len(codes)
         total = first_row + n_new
@@ -73,7 +73,7 @@ class PersonaGraph:
             self.graph.add_items(dequantize(codes, scales), np.arange(first_row, total))
         return self
 
-    def rebuilt(self, codes, scales) -> "PersonaGraph":
+    def rebuilt(self, codes: np.ndarray, scales: np.ndarray) -> "PersonaGraph":
         return PersonaGraph.build(codes, scales, M=self.M, ef_construction=self.ef_construction, ef=self.ef,
                                   seed=self.seed)
 
@@ -93,14 +93,14 @@ class PersonaGraph:
         return out
 
     # ------------------------------------------------------------ persistence
-    def to_sections(self) -> tuple[dict, dict[str, np.ndarray]]:
+    def to_sections(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """The graph as JSON-able parameters and flat arrays (sections of the index file)."""
         state = self.graph.__getstate__()[0]
         cur = int(state["cur_element_count"])
-        scalars = {k: (float(state[k]) if k == "mult" else int(state[k])) for k in _SCALARS}
-        meta = {"M": self.M, "ef_construction": self.ef_construction, "ef": self.ef, "seed": self.seed,
+        scalars: dict[str, Any] = {k: (float(state[k]) if k == "mult" else int(state[k])) for k in _SCALARS}
+        meta: dict[str, Any] = {"M": self.M, "ef_construction": self.ef_construction, "ef": self.ef, "seed": self.seed,
                 "hnswlib": scalars}
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "data_level0": np.asarray(state["data_level0"]).view(np.uint8)[: cur * scalars["size_data_per_element"]],
             "link_lists": np.asarray(state["link_lists"]).view(np.uint8),
             "element_levels": np.asarray(state["element_levels"], dtype=np.int32)[:cur],
@@ -108,7 +108,8 @@ class PersonaGraph:
         return meta, arrays
 
     @classmethod
-    def from_sections(cls, meta: dict, arrays: dict[str, np.ndarray], codes, scales, *,
+    def from_sections(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], codes: np.ndarray,
+                      scales: np.ndarray, *,
                       source: str = "index") -> "PersonaGraph":
         """Validate a stored graph against the index and hand it to hnswlib (which then owns a copy)."""
         state = validated_state(meta, arrays, n_rows=int(codes.shape[0]), dim=int(codes.shape[1]), source=source)
@@ -132,13 +133,15 @@ def _fail(source: str, what: str) -> IndexFormatError:
     return IndexFormatError(f"{source}: the approximate-search graph {what}")
 
 
-def validated_state(meta: Any, arrays: dict[str, np.ndarray], *, n_rows: int, dim: int, source: str) -> dict:
+def validated_state(meta: Any, arrays: dict[str, np.ndarray], *, n_rows: int, dim: int, source: str
+                    ) -> dict[str, Any]:
     """hnswlib's state dict for a stored graph, after checking every fact hnswlib relies on."""
     if not isinstance(meta, dict) or not isinstance(meta.get("hnswlib"), dict):
         raise _fail(source, "has no parameters")
     raw = meta["hnswlib"]
     try:
-        s = {k: (float(raw[k]) if k == "mult" else int(raw[k])) for k in _SCALARS}
+        s = {k: int(raw[k]) for k in _SCALARS if k != "mult"}
+        mult = float(raw["mult"])
     except (KeyError, TypeError, ValueError, OverflowError):
         raise _fail(source, "has malformed parameters") from None
     cur = s["cur_element_count"]
@@ -159,7 +162,7 @@ def validated_state(meta: Any, arrays: dict[str, np.ndarray], *, n_rows: int, di
     for k, want in expect.items():
         if s[k] != want:
             raise _fail(source, f"parameter {k}={s[k]} disagrees with the index (expected {want})")
-    if not math.isclose(s["mult"], 1.0 / math.log(M), rel_tol=1e-12):
+    if not math.isclose(mult, 1.0 / math.log(M), rel_tol=1e-12):
         raise _fail(source, "parameter mult disagrees with M")
     if s["ef_construction"] < 1:
         raise _fail(source, "has ef_construction < 1")
@@ -229,7 +232,7 @@ def validated_state(meta: Any, arrays: dict[str, np.ndarray], *, n_rows: int, di
         "offset_level0": 0, "max_elements": max(cur, 1), "cur_element_count": cur,
         "size_data_per_element": size, "label_offset": s["label_offset"], "offset_data": s["offset_data"],
         "max_level": s["max_level"], "enterpoint_node": s["enterpoint_node"] if cur else 0,
-        "max_M": max_m, "max_M0": max_m0, "M": M, "mult": s["mult"], "ef_construction": s["ef_construction"],
+        "max_M": max_m, "max_M0": max_m0, "M": M, "mult": mult, "ef_construction": s["ef_construction"],
         "ef": 10, "has_deletions": False, "size_links_per_element": per_level, "allow_replace_deleted": False,
         "label_lookup_external": labels.astype(np.uint64),
         "label_lookup_internal": np.arange(cur, dtype=np.uint32),
@@ -242,7 +245,7 @@ def validated_state(meta: Any, arrays: dict[str, np.ndarray], *, n_rows: int, di
 _V1_HEAD = struct.Struct("<QQQQQQiIQQQdQ")  # hnswlib's saveIndex header
 
 
-def parse_hnswlib_file(data: bytes, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def parse_hnswlib_file(data: bytes, path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """hnswlib's own file format (format-1 indexes kept the graph in one) as the scalar
     parameters and arrays that :func:`validated_state` checks."""
     if len(data) < _V1_HEAD.size:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 
@@ -99,6 +99,14 @@ class StringColumn:
                             np.concatenate([self.offsets, more.offsets[1:] + self.offsets[-1]]))
 
 
+# Bytes a loader reads sections from: a read-only map of the file, or a copy of it.
+Buffer = Union[_mmap.mmap, bytearray]
+
+
+def _bytes_of(a: np.ndarray) -> memoryview | bytes:
+    return memoryview(a).cast("B") if a.nbytes else b""  # type: ignore[arg-type]  # ndarray is a buffer
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -140,7 +148,7 @@ def sweep_temp_files(path: Path) -> list[Path]:
     """Delete temp files of earlier saves of ``path`` whose writing process is gone
     (a kill during a save leaves one). Temp files of live writers are left alone."""
     path = Path(path)
-    removed = []
+    removed: list[Path] = []
     try:
         names = os.listdir(path.parent)
     except OSError:
@@ -198,7 +206,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 
 # ------------------------------------------------------------------------ writer
-def _sections_of(snapshot) -> list[tuple[str, np.ndarray]]:
+def _sections_of(snapshot: Any) -> list[tuple[str, np.ndarray]]:
     s = snapshot
     removed = s.removed if s.removed is not None else np.zeros(s.n_items, dtype=np.uint8)
     out = [("codes", s.codes), ("scales", s.scales), ("offsets", s.offsets), ("removed", removed)]
@@ -212,7 +220,7 @@ def _sections_of(snapshot) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def save_index(snapshot, path: Path) -> None:
+def save_index(snapshot: Any, path: Path) -> None:
     """Write a snapshot (and its graph, if any) as one format-2 file, atomically."""
     path = Path(path)
     sections = [(name, np.ascontiguousarray(a)) for name, a in _sections_of(snapshot)]
@@ -258,12 +266,12 @@ def save_index(snapshot, path: Path) -> None:
     head += struct.pack("<Q", checksum64(head))
     assert len(head) == _FIXED
 
-    def write(f):
+    def write(f: BinaryIO) -> None:
         f.write(head)
         f.write(json_span)
         for i, ((_, a), e) in enumerate(zip(sections, entries)):
             assert f.tell() == e["offset"]
-            f.write(memoryview(a).cast("B") if a.nbytes else b"")
+            f.write(_bytes_of(a))
             span_end = entries[i + 1]["offset"] if i + 1 < len(entries) else file_size
             f.write(b"\0" * (span_end - e["offset"] - e["nbytes"]))
 
@@ -278,7 +286,7 @@ def save_index(snapshot, path: Path) -> None:
 
 def _span_checksum(a: np.ndarray, pad: int) -> int:
     if pad == 0:
-        return checksum64(memoryview(a).cast("B") if a.nbytes else b"")
+        return checksum64(_bytes_of(a))
     return checksum64(a.tobytes() + b"\0" * pad)
 
 
@@ -292,11 +300,11 @@ def _expect(cond: bool, path: Path, what: str) -> None:
         raise _fail(path, what)
 
 
-def _checksum_fn(version: int):
+def _checksum_fn(version: int) -> Callable[..., int]:
     return checksum64_v1 if version == 1 else checksum64
 
 
-def _read_header(path: Path, buf) -> tuple[dict, int, int]:
+def _read_header(path: Path, buf: Buffer) -> tuple[dict[str, Any], int, int]:
     size = len(buf)
     if size < _FIXED:
         raise _fail(path, f"truncated: {size} bytes, but the fixed header alone needs {_FIXED}")
@@ -346,10 +354,13 @@ def _int(x: Any) -> int:
     return x
 
 
-def _sections(path: Path, buf, meta: dict, size: int, version: int, verify: bool) -> dict[str, np.ndarray]:
-    n_items, n_personas, dim = meta.get("n_items"), meta.get("n_personas"), meta.get("dim")
-    _expect(all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (n_items, n_personas, dim))
-            and dim >= 1, path, "the header's counts are missing or negative")
+def _sections(path: Path, buf: Buffer, meta: dict[str, Any], size: int, version: int, verify: bool
+              ) -> dict[str, np.ndarray]:
+    counts = [meta.get(k) for k in ("n_items", "n_personas", "dim")]
+    ints = [x for x in counts if isinstance(x, int) and not isinstance(x, bool) and x >= 0]
+    if len(ints) != 3 or ints[2] < 1:
+        raise _fail(path, "the header's counts are missing or negative")
+    n_items, n_personas, dim = ints
     expected = {
         "codes": ("|i1", [n_personas, dim]),
         "scales": ("<f4", [n_personas]),
@@ -402,9 +413,10 @@ def _sections(path: Path, buf, meta: dict, size: int, version: int, verify: bool
     return arrays
 
 
-def _string_column(path: Path, arrays: dict, prefix: str, n: int) -> StringColumn:
+def _string_column(path: Path, arrays: dict[str, np.ndarray], prefix: str, n: int) -> StringColumn:
     data, off = arrays.get(prefix + ".data"), arrays.get(prefix + ".offsets")
-    _expect(data is not None and off is not None, path, f"section {prefix!r} is missing")
+    if data is None or off is None:
+        raise _fail(path, f"section {prefix!r} is missing")
     _expect(len(off) == n + 1 and (n + 1 == 0 or (off[0] == 0 and off[-1] == len(data)))
             and not np.any(np.diff(off) < 0), path, f"the string offsets of {prefix!r} are inconsistent")
     # Whole-buffer UTF-8 validity plus no string starting on a continuation byte means
@@ -419,7 +431,7 @@ def _string_column(path: Path, arrays: dict, prefix: str, n: int) -> StringColum
     return StringColumn(data, off)
 
 
-def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> dict:
+def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> dict[str, Any]:
     """Read and validate an index file; returns its arrays and metadata.
 
     Every malformed file raises :class:`IndexFormatError`; ``verify=False`` skips only
@@ -437,11 +449,12 @@ def load_index(path: Path, *, mmap: bool = True, verify: bool = True) -> dict:
         raise _fail(path, f"malformed index file ({type(e).__name__}: {e})") from None
 
 
-def _load(path: Path, *, mmap: bool, verify: bool) -> dict:
+def _load(path: Path, *, mmap: bool, verify: bool) -> dict[str, Any]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise _fail(path, "truncated: the file is empty")
+        buf: Buffer
         if mmap:
             buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
         else:
@@ -513,11 +526,11 @@ def _load(path: Path, *, mmap: bool, verify: bool) -> dict:
     }
 
 
-def _read_graph_file_v1(path: Path, a: dict) -> dict:
+def _read_graph_file_v1(path: Path, a: dict[str, Any]) -> dict[str, Any]:
     """A format-1 graph file: read once and checked against the index header."""
     name = a.get("file")
-    _expect(isinstance(name, str) and "/" not in name and name not in ("", ".", ".."), path,
-            "the ANN entry names no graph file")
+    if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        raise _fail(path, "the ANN entry names no graph file")
     graph_path = path.with_name(name)
     try:
         data = graph_path.read_bytes()

@@ -496,7 +496,7 @@ class Encoder:
             raise FloatingPointError(f"{self.onnx_path} produced non-finite values; the model file is damaged")
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         np.maximum(norms, 1e-12, out=norms)
-        return pooled / norms
+        return np.asarray(pooled / norms)
 
     def __repr__(self) -> str:
         return (
@@ -513,9 +513,9 @@ def _pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str) -> np.nd
     if pooling in ("mean", "mean_sqrt_len"):
         summed = (hidden * mask).sum(axis=1)
         counts = np.maximum(mask.sum(axis=1), 1e-9)
-        return summed / (np.sqrt(counts) if pooling == "mean_sqrt_len" else counts)
+        return np.asarray(summed / (np.sqrt(counts) if pooling == "mean_sqrt_len" else counts))
     if pooling == "max":
-        return np.where(mask > 0, hidden, -1e9).max(axis=1)
+        return np.asarray(np.where(mask > 0, hidden, -1e9).max(axis=1))
     if pooling == "lasttoken":
         last = attention_mask.sum(axis=1).astype(np.int64) - 1
         return hidden[np.arange(hidden.shape[0]), last, :]

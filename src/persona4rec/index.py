@@ -75,7 +75,7 @@ class RerankResult:
     matched persona; ``persona_ids`` the matched persona of each item (its explanation).
     """
 
-    ids: list
+    ids: list[Any]
     scores: np.ndarray
     persona_scores: np.ndarray
     persona_rows: np.ndarray
@@ -104,8 +104,10 @@ class _Snapshot:
         "removed", "n_removed", "ann", "encoder", "dim", "has_empty_items",
     )
 
-    def __init__(self, *, codes, scales, offsets, ids, id_kind, id_to_index, texts=None, removed=None, ann=None,
-                 encoder=None, core=None):
+    def __init__(self, *, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, ids: Any, id_kind: str,
+                 id_to_index: "_IdMap", texts: dict[str, _persist.StringColumn] | None = None,
+                 removed: np.ndarray | None = None, ann: Any = None, encoder: dict[str, Any] | None = None,
+                 core: MaxSimIndex | None = None) -> None:
         self.codes = codes
         self.scales = scales
         self.offsets = offsets
@@ -122,7 +124,7 @@ class _Snapshot:
         self.dim = int(codes.shape[1])
         self.has_empty_items = bool(len(offsets) > 1 and np.any(offsets[1:] == offsets[:-1]))
 
-    def replace(self, **changes) -> "_Snapshot":
+    def replace(self, **changes: Any) -> "_Snapshot":
         """A new snapshot with some fields changed (the native view is reused when the
         arrays are the same)."""
         fields = {f: getattr(self, f) for f in ("codes", "scales", "offsets", "ids", "id_kind", "id_to_index",
@@ -135,7 +137,7 @@ class _Snapshot:
     def n_items(self) -> int:
         return len(self.offsets) - 1
 
-    def item_id(self, i: int):
+    def item_id(self, i: int) -> Any:
         return self.ids[i] if self.id_kind == "str" else int(self.ids[i])
 
     def item_of_row(self, row: int) -> int:
@@ -149,7 +151,7 @@ class _Snapshot:
             return PersonaText(f"{self.item_id(item)}_P{row - int(self.offsets[item]) + 1}")
         return PersonaText(*(self.texts[f][row] for f in _TEXT_FIELDS))
 
-    def lookup(self, item_id) -> int:
+    def lookup(self, item_id: Hashable) -> int:
         """Dense index of a live item, or -1."""
         i = self.id_to_index.mapping().get(item_id, -1)
         if i < 0 or i >= self.n_items or (self.removed is not None and self.removed[i]):
@@ -167,16 +169,16 @@ class _IdMap:
     indices in one vectorised step instead of one dict probe per id.
     """
 
-    def __init__(self, ids, id_kind: str, keys: list | None = None):
+    def __init__(self, ids: Any, id_kind: str, keys: list[Any] | None = None) -> None:
         self._ids = ids
         self._kind = id_kind
         self._keys = keys
-        self._map: dict | None = None
+        self._map: dict[Any, int] | None = None
         self._table: np.ndarray | None = None
         self._table_lo = 0
         self._lock = threading.Lock()
 
-    def _built(self) -> dict:
+    def _built(self) -> dict[Any, int]:
         m = self._map
         if m is None:
             with self._lock:
@@ -197,7 +199,7 @@ class _IdMap:
                 m = self._map
         return m
 
-    def mapping(self) -> dict:
+    def mapping(self) -> dict[Any, int]:
         return self._built()
 
     @property
@@ -206,7 +208,7 @@ class _IdMap:
         self._built()
         return self._table is None
 
-    def lookup_many(self, ids: Sequence) -> np.ndarray:
+    def lookup_many(self, ids: Sequence[Any]) -> np.ndarray:
         """Dense indices of ``ids`` (-1 for unknown ones)."""
         mapping = self._built()
         table = self._table
@@ -223,7 +225,7 @@ class _IdMap:
                 return np.where(inside, table[np.where(inside, pos, 0)], -1)
         return np.fromiter(map(mapping.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
 
-    def with_added(self, ids, added: list, first_index: int) -> "_IdMap":
+    def with_added(self, ids: Any, added: list[Any], first_index: int) -> "_IdMap":
         """A new map over ``ids`` (the extended id column) that also knows ``added``."""
         out = _IdMap(ids, self._kind)
         if self._map is None:  # never queried: the new map builds lazily from the column
@@ -244,7 +246,7 @@ class _IdMap:
         return out
 
 
-def _identity_dict(encoder: Any) -> dict | None:
+def _identity_dict(encoder: Any) -> dict[str, Any] | None:
     if encoder is None:
         return None
     if isinstance(encoder, Mapping):
@@ -264,7 +266,7 @@ def _check_ids(item_ids: Sequence[Hashable]) -> tuple[str, Any]:
     raise TypeError("item ids must be all str or all int (ids are mapped to dense indices once, at build)")
 
 
-def _as_offsets(offsets, n_items: int, n_vectors: int) -> np.ndarray:
+def _as_offsets(offsets: Any, n_items: int, n_vectors: int) -> np.ndarray:
     off = np.asarray(offsets)
     if off.ndim != 1 or not np.issubdtype(off.dtype, np.integer):
         raise ValueError("offsets must be a 1-D integer array (CSR: item i owns rows offsets[i]:offsets[i+1])")
@@ -277,7 +279,7 @@ def _as_offsets(offsets, n_items: int, n_vectors: int) -> np.ndarray:
     return off
 
 
-def _as_vectors(vectors, normalize: bool) -> np.ndarray:
+def _as_vectors(vectors: Any, normalize: bool) -> np.ndarray:
     v = np.asarray(vectors)
     if v.ndim != 2:
         raise ValueError(f"vectors must be 2-D (n_personas, d), got shape {v.shape}")
@@ -299,7 +301,7 @@ def _as_vectors(vectors, normalize: bool) -> np.ndarray:
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def _persona_texts(personas, item_ids: list, offsets: np.ndarray) -> dict | None:
+def _persona_texts(personas: Any, item_ids: list[Any], offsets: np.ndarray) -> dict[str, list[str]] | None:
     """Per-persona text columns (lists), or None when personas were not given."""
     if personas is None:
         return None
@@ -307,7 +309,7 @@ def _persona_texts(personas, item_ids: list, offsets: np.ndarray) -> dict | None
     n = int(offsets[-1])
     if len(personas) != n:
         raise ValueError(f"personas must have one entry per vector ({n}), got {len(personas)}")
-    cols = {f: [] for f in _TEXT_FIELDS}
+    cols: dict[str, list[str]] = {f: [] for f in _TEXT_FIELDS}
     item_of_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     for row, p in enumerate(personas):
         if isinstance(p, PersonaText):
@@ -354,10 +356,10 @@ class PersonaIndex:
         item_ids: Sequence[Hashable],
         vectors: np.ndarray,
         offsets: Sequence[int] | np.ndarray,
-        personas: Iterable[Mapping | PersonaText | str] | None = None,
+        personas: Iterable[Mapping[str, Any] | PersonaText | str] | None = None,
         *,
         normalize: bool = False,
-        encoder: Mapping | Any | None = None,
+        encoder: Mapping[str, Any] | Any | None = None,
     ) -> "PersonaIndex":
         """Build from item ids, persona vectors (float32, n_personas x d) and CSR offsets.
 
@@ -399,16 +401,16 @@ class PersonaIndex:
         return self._snap.dim
 
     @property
-    def encoder_identity(self) -> dict | None:
+    def encoder_identity(self) -> dict[str, Any] | None:
         return None if self._snap.encoder is None else dict(self._snap.encoder)
 
     @property
     def memory_bytes(self) -> int:
         s = self._snap
-        return s.codes.nbytes + s.scales.nbytes + s.offsets.nbytes
+        return int(s.codes.nbytes + s.scales.nbytes + s.offsets.nbytes)
 
     @property
-    def item_ids(self) -> list:
+    def item_ids(self) -> list[Any]:
         """Live item ids in index order."""
         s = self._snap
         return [s.item_id(i) for i in range(s.n_items) if s.removed is None or not s.removed[i]]
@@ -416,7 +418,7 @@ class PersonaIndex:
     def __len__(self) -> int:
         return self.n_items
 
-    def __contains__(self, item_id) -> bool:
+    def __contains__(self, item_id: Hashable) -> bool:
         return self._snap.lookup(item_id) >= 0
 
     def __repr__(self) -> str:
@@ -424,7 +426,7 @@ class PersonaIndex:
                 f"ann={'yes' if self._snap.ann is not None else 'no'})")
 
     # --------------------------------------------------------------- checks
-    def check_encoder(self, encoder: Mapping | Any) -> None:
+    def check_encoder(self, encoder: Mapping[str, Any] | Any) -> None:
         """Raise :class:`EncoderMismatchError` if ``encoder`` is not the one the index was built with."""
         mine = self._snap.encoder
         theirs = _identity_dict(encoder)
@@ -436,7 +438,7 @@ class PersonaIndex:
                     f"user encoder {key}={theirs[key]!r} does not match the index's {key}={mine[key]!r}: "
                     "encode users with the encoder that embedded the personas, or rebuild the index")
 
-    def _query(self, user_vecs, encoder) -> tuple[_Snapshot, np.ndarray, bool]:
+    def _query(self, user_vecs: Any, encoder: Any) -> tuple[_Snapshot, np.ndarray, bool]:
         snap = self._snap
         if encoder is not None:
             self.check_encoder(encoder)
@@ -456,7 +458,7 @@ class PersonaIndex:
         # when it prepares the query (explain, which scores in numpy, checks for itself).
         return snap, np.ascontiguousarray(q), single
 
-    def _indices(self, snap: _Snapshot, ids: Sequence, unknown: str, what: str,
+    def _indices(self, snap: _Snapshot, ids: Sequence[Any], unknown: str, what: str,
                  need_personas: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Dense indices of the given ids, and the positions (in ``ids``) they came from
         (None when every id is known, the common case, to keep rerank cheap)."""
@@ -495,7 +497,7 @@ class PersonaIndex:
         alpha: float = 1.0,
         *,
         unknown: str = "error",
-        encoder: Mapping | Any | None = None,
+        encoder: Mapping[str, Any] | Any | None = None,
     ) -> RerankResult:
         """Score candidates by their best persona and sort them, best first.
 
@@ -545,7 +547,8 @@ class PersonaIndex:
         return RerankResult(ids, fused[order], persona_scores[order], rows[order], self, snap)
 
     # ---------------------------------------------------------------- search
-    def _lists(self, snap, lists, n_queries, single, unknown, what):
+    def _lists(self, snap: _Snapshot, lists: Any, n_queries: int, single: bool, unknown: str, what: str
+               ) -> tuple[np.ndarray, np.ndarray] | None:
         if lists is None:
             return None
         if isinstance(lists, (str, bytes)):
@@ -569,14 +572,14 @@ class PersonaIndex:
         self,
         user_vecs: np.ndarray,
         k: int = 10,
-        exclude: Sequence | None = None,
-        allow: Sequence | None = None,
+        exclude: Sequence[Any] | None = None,
+        allow: Sequence[Any] | None = None,
         *,
         return_personas: bool = False,
         n_threads: int = 1,
         unknown: str = "error",
-        encoder: Mapping | Any | None = None,
-    ):
+        encoder: Mapping[str, Any] | Any | None = None,
+    ) -> Any:
         """Exact top-k items over the whole catalog.
 
         One user (1-D vector) gives 1-D ``ids, scores`` with at most ``k`` entries; a batch
@@ -599,7 +602,8 @@ class PersonaIndex:
                                              exclude_mask=snap.removed, n_threads=n_threads)
         return self._format(snap, items, scores, rows, single, return_personas)
 
-    def _format(self, snap, items, scores, rows, single, return_personas):
+    def _format(self, snap: _Snapshot, items: np.ndarray, scores: np.ndarray, rows: np.ndarray, single: bool,
+                return_personas: bool) -> Any:
         if snap.id_kind == "int":
             ids = np.where(items >= 0, snap.ids[np.maximum(items, 0)] if snap.n_items else -1, -1)
         else:
@@ -619,7 +623,7 @@ class PersonaIndex:
         return (ids, scores, personas) if return_personas else (ids, scores)
 
     # --------------------------------------------------------------- explain
-    def explain(self, user_vec: np.ndarray, item_id: Hashable, *, encoder=None) -> list[PersonaMatch]:
+    def explain(self, user_vec: np.ndarray, item_id: Hashable, *, encoder: Any = None) -> list[PersonaMatch]:
         """Every persona of one item with its score for the user, best first."""
         snap, q, single = self._query(user_vec, encoder)
         if not single:
@@ -648,7 +652,7 @@ class PersonaIndex:
         if not self._mutation_lock.acquire(blocking=blocking):
             raise ConcurrentMutationError("another mutation of this index is in progress")
 
-    def add_items(self, item_ids: Sequence[Hashable], vectors: np.ndarray, offsets, personas=None, *,
+    def add_items(self, item_ids: Sequence[Hashable], vectors: np.ndarray, offsets: Any, personas: Any = None, *,
                   normalize: bool = False, blocking: bool = True) -> None:
         """Append items (ids must be new; a removed id may be added again).
 
@@ -688,6 +692,7 @@ class PersonaIndex:
                         [getattr(snap.persona_text(r), f) for r in range(n_old_rows)]) for f in _TEXT_FIELDS}
                 if new_texts_lists is None:
                     new_texts_lists = _persona_texts([{}] * v.shape[0], id_list, off)
+                assert new_texts_lists is not None  # records were given (an empty one per vector at least)
                 texts = {f: texts[f].extended(new_texts_lists[f]) for f in _TEXT_FIELDS}
             removed = None
             if snap.removed is not None:
@@ -737,6 +742,7 @@ class PersonaIndex:
             np.cumsum(sizes, out=offsets[1:])
             codes = np.ascontiguousarray(snap.codes[rows])
             scales = np.ascontiguousarray(snap.scales[rows])
+            ids: Any
             if snap.id_kind == "str":
                 ids = _persist.StringColumn.from_list([snap.ids[int(i)] for i in keep_items])
             else:
@@ -765,9 +771,9 @@ class PersonaIndex:
         finally:
             self._mutation_lock.release()
 
-    def search_approx(self, user_vecs: np.ndarray, k: int = 10, exclude: Sequence | None = None, *,
+    def search_approx(self, user_vecs: np.ndarray, k: int = 10, exclude: Sequence[Any] | None = None, *,
                       ef: int | None = None, overfetch: int = 4, return_personas: bool = False,
-                      encoder=None):
+                      encoder: Any = None) -> Any:
         """Approximate top-k: hnswlib finds ``overfetch * k`` personas, they are grouped by
         item (an item's score is its best persona among those found... then re-scored
         exactly over all its personas with the int8 kernel), and the best ``k`` items are

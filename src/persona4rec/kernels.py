@@ -60,7 +60,7 @@ def score_error_bound(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     s_q = np.abs(q).max() / 127.0
     s_v = np.abs(v).max(axis=1) / 127.0
     d = q.shape[0]
-    return s_q * np.abs(v).sum(axis=1) / 2 + s_v * np.abs(q).sum() / 2 + d * s_q * s_v / 4
+    return np.asarray(s_q * np.abs(v).sum(axis=1) / 2 + s_v * np.abs(q).sum() / 2 + d * s_q * s_v / 4)
 
 
 def lists_to_csr(lists: Sequence[Sequence[int] | np.ndarray], n_queries: int) -> tuple[np.ndarray, np.ndarray]:

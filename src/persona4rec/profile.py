@@ -255,7 +255,7 @@ def recency_weights(n: int, gamma: float = DEFAULT_GAMMA) -> np.ndarray:
     if n < 1:
         raise ValueError(f"need at least one interaction, got n={n}")
     weights = gamma ** np.arange(n - 1, -1, -1, dtype=np.float64)
-    return (weights / weights.sum()).astype(np.float32)
+    return np.asarray(weights / weights.sum(), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- cache
@@ -749,7 +749,7 @@ class UserProfiler:
             squared = float(mean @ mean)
             if not math.isfinite(squared) or squared < 1e-24:
                 raise ValueError("the profile is not finite or has zero norm (corrupt cached vectors?)")
-            return mean * np.float32(1.0 / math.sqrt(squared))
+            return np.asarray(mean * np.float32(1.0 / math.sqrt(squared)))
         if self.transform is not None:
             transformed = np.asarray(self.transform(mean), dtype=np.float32)
             if transformed.shape != mean.shape:
