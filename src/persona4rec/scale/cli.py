@@ -37,8 +37,13 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from persona4rec.scale import serve as served
     from persona4rec.sharded import ManifestError, read_manifest
+
+    try:
+        from persona4rec.scale import serve as served
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     try:
         read_manifest(args.index)
@@ -62,6 +67,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from persona4rec.scale import pipeline
+    from persona4rec.scale import pipeline, require_ray
 
+    try:
+        require_ray()
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return pipeline.main(args.config, address=args.address)
