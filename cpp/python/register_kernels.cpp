@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "checks.hpp"
+#include "persona4rec/bench.hpp"
 #include "persona4rec/checksum.hpp"
 #include "persona4rec/cpu.hpp"
 #include "persona4rec/maxsim.hpp"

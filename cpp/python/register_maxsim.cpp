@@ -7,7 +7,6 @@
 #include <cmath>
 #include <algorithm>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "checks.hpp"
@@ -22,11 +21,6 @@ using py_checks::require;
 
 namespace {
 
-struct PreparedQueries {
-  std::vector<int8_t> codes;
-  std::vector<float> scales;
-  QueryBatch batch;
-};
 
 class MaxSimIndex {
  public:
@@ -108,12 +102,8 @@ class MaxSimIndex {
                               std::to_string(list_offsets.shape(0)));
       lists.offsets = static_cast<const int64_t*>(list_offsets.data());
       lists.items = static_cast<const int64_t*>(list_items.data());
-      if (lists.offsets[0] != 0 || lists.offsets[nq] != list_items.shape(0))
-        throw py::value_error(std::string(what) +
-                              " offsets must start at 0 and end at the number of items");
-      for (std::size_t i = 0; i < nq; ++i)
-        if (lists.offsets[i + 1] < lists.offsets[i])
-          throw py::value_error(std::string(what) + " offsets must be non-decreasing");
+      const std::string err = validate_lists(lists.offsets, nq, int64_t(list_items.shape(0)));
+      if (!err.empty()) throw py::value_error(std::string(what) + " " + err);
       check_items(lists.items, std::size_t(list_items.shape(0)), what);
     }
     const uint8_t* mask = nullptr;
@@ -160,10 +150,8 @@ class MaxSimIndex {
                             " entries, got " + std::to_string(off_arr.shape(0)));
     const auto* off = static_cast<const int64_t*>(off_arr.data());
     const auto* items = static_cast<const int64_t*>(item_arr.data());
-    if (off[0] != 0 || off[nq] != item_arr.shape(0))
-      throw py::value_error("candidate offsets must start at 0 and end at the number of items");
-    for (std::size_t i = 0; i < nq; ++i)
-      if (off[i + 1] < off[i]) throw py::value_error("candidate offsets must be non-decreasing");
+    const std::string err = validate_lists(off, nq, int64_t(item_arr.shape(0)));
+    if (!err.empty()) throw py::value_error("candidate " + err);
     check_items(items, std::size_t(item_arr.shape(0)), "candidates");
     py::array_t<float> scores(item_arr.shape(0));
     py::array_t<int64_t> persona(item_arr.shape(0));
@@ -171,24 +159,7 @@ class MaxSimIndex {
     int64_t* p = persona.mutable_data();
     {
       py::gil_scoped_release release;
-      const DotRowsFn dot = active_dot_rows();
-      auto run = [&](std::size_t a, std::size_t b) {
-        for (std::size_t i = a; i < b; ++i)
-          score_candidates(m_, dot, q.codes.data() + i * m_.d, q.scales[i], q.batch.code_sums[i],
-                           items + off[i], std::size_t(off[i + 1] - off[i]), s + off[i], p + off[i]);
-      };
-      const std::size_t t = std::max<std::size_t>(1, std::min<std::size_t>(std::size_t(n_threads), nq));
-      if (t == 1) {
-        run(0, nq);
-      } else {
-        std::vector<std::thread> workers;
-        const std::size_t per = (nq + t - 1) / t;
-        for (std::size_t w = 0; w < t; ++w) {
-          const std::size_t a = w * per, b = std::min(nq, a + per);
-          if (a < b) workers.emplace_back(run, a, b);
-        }
-        for (auto& w : workers) w.join();
-      }
+      score_candidates_batch(m_, active_dot_rows(), q, off, items, std::size_t(n_threads), s, p);
     }
     return py::make_tuple(scores, persona);
   }
@@ -283,30 +254,20 @@ class MaxSimIndex {
                             " does not match the index dimension " + std::to_string(m_.d) +
                             ": encode users with the same model as the personas");
     PreparedQueries q;
-    q.codes.resize(n * d);
-    q.scales.resize(n);
-    q.batch.code_sums.resize(n);
     const float* src = static_cast<const float*>(a.data());
-    int64_t bad;
+    QueryProblem problem;
+    std::size_t bad = 0;
     {
       py::gil_scoped_release release;
-      bad = quantize_rows(src, n, d, q.codes.data(), q.scales.data());
-      if (bad < 0)
-        for (std::size_t i = 0; i < n; ++i) q.batch.code_sums[i] = code_sum(q.codes.data() + i * d, d);
+      problem = prepare_queries(src, n, d, q, bad);
     }
-    if (bad >= 0)
+    if (problem == QueryProblem::not_finite)
       throw py::value_error("query " + std::to_string(bad) +
                             " contains NaN or infinity: check the user profile");
-    // Far above any embedding, far below what makes dot * both scales overflow float32.
-    constexpr float kMaxAbs = 1e15f;
-    for (std::size_t i = 0; i < n; ++i)
-      if (q.scales[i] * 127.0f > kMaxAbs)
-        throw py::value_error("query " + std::to_string(i) + " holds values up to " +
-                              std::to_string(q.scales[i] * 127.0f) +
-                              ", above 1e15: scores would overflow float32; L2-normalise the user vectors");
-    q.batch.codes = q.codes.data();
-    q.batch.scales = q.scales.data();
-    q.batch.n = n;
+    if (problem == QueryProblem::too_large)
+      throw py::value_error("query " + std::to_string(bad) + " holds values up to " +
+                            std::to_string(q.scales[bad] * 127.0f) +
+                            ", above 1e15: scores would overflow float32; L2-normalise the user vectors");
     return q;
   }
 

@@ -6,6 +6,7 @@
 #include <limits>
 #include <thread>
 
+#include "persona4rec/parallel.hpp"
 #include "persona4rec/quantize.hpp"
 #include "persona4rec/topk.hpp"
 
@@ -225,43 +226,49 @@ void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const Q
                 out_persona);
     }
   };
-  n_threads = std::max<std::size_t>(1, std::min(n_threads, nq));
-  if (n_threads == 1) {
-    run_range(0, nq);
-    return;
-  }
-  std::vector<std::thread> workers;
-  std::vector<std::exception_ptr> errors(n_threads);
-  const std::size_t per = (nq + n_threads - 1) / n_threads;
-  for (std::size_t t = 0; t < n_threads; ++t) {
-    const std::size_t a = t * per, b = std::min(nq, a + per);
-    if (a >= b) break;
-    workers.emplace_back([&, t, a, b] {
-      try {
-        run_range(a, b);
-      } catch (...) {
-        errors[t] = std::current_exception();
-      }
-    });
-  }
-  for (auto& w : workers) w.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  parallel_for(nq, n_threads, run_range);
 }
 
-uint64_t stream_read(const void* data, std::size_t n_bytes) {
-  const uint64_t* p = static_cast<const uint64_t*>(data);
-  const std::size_t n = n_bytes / 8;
-  uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
-  std::size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    a0 ^= p[i]; a1 ^= p[i + 1]; a2 ^= p[i + 2]; a3 ^= p[i + 3];
-    a4 ^= p[i + 4]; a5 ^= p[i + 5]; a6 ^= p[i + 6]; a7 ^= p[i + 7];
+QueryProblem prepare_queries(const float* x, std::size_t n, std::size_t d, PreparedQueries& out,
+                             std::size_t& bad_row) {
+  out.codes.resize(n * d);
+  out.scales.resize(n);
+  out.batch.code_sums.resize(n);
+  const int64_t bad = quantize_rows(x, n, d, out.codes.data(), out.scales.data());
+  if (bad >= 0) {
+    bad_row = std::size_t(bad);
+    return QueryProblem::not_finite;
   }
-  for (; i < n; ++i) a0 ^= p[i];
-  uint64_t tail = 0;
-  std::memcpy(&tail, static_cast<const char*>(data) + n * 8, n_bytes - n * 8);
-  return a0 ^ a1 ^ a2 ^ a3 ^ a4 ^ a5 ^ a6 ^ a7 ^ tail;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (out.scales[i] * 127.0f > kMaxQueryAbs) {
+      bad_row = i;
+      return QueryProblem::too_large;
+    }
+    out.batch.code_sums[i] = code_sum(out.codes.data() + i * d, d);
+  }
+  out.batch.codes = out.codes.data();
+  out.batch.scales = out.scales.data();
+  out.batch.n = n;
+  return QueryProblem::none;
+}
+
+std::string validate_lists(const int64_t* offsets, std::size_t n_lists, int64_t n_entries) {
+  if (offsets[0] != 0 || offsets[n_lists] != n_entries)
+    return "offsets must start at 0 and end at the number of items (" + std::to_string(n_entries) + ")";
+  for (std::size_t i = 0; i < n_lists; ++i)
+    if (offsets[i + 1] < offsets[i]) return "offsets must be non-decreasing";
+  return "";
+}
+
+void score_candidates_batch(const PersonaMatrix& m, DotRowsFn dot, const PreparedQueries& q,
+                            const int64_t* offsets, const int64_t* items, std::size_t n_threads,
+                            float* out_scores, int64_t* out_persona) {
+  parallel_for(q.batch.n, n_threads, [&](std::size_t a, std::size_t b) {
+    for (std::size_t i = a; i < b; ++i)
+      score_candidates(m, dot, q.codes.data() + i * m.d, q.scales[i], q.batch.code_sums[i],
+                       items + offsets[i], std::size_t(offsets[i + 1] - offsets[i]), out_scores + offsets[i],
+                       out_persona + offsets[i]);
+  });
 }
 
 }  // namespace persona4rec

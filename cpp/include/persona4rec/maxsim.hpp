@@ -62,7 +62,30 @@ void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const Q
                   const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
                   float* out_scores, int64_t* out_persona);
 
-// A plain streaming read of `n_bytes` (the memory-bandwidth floor for benchmarks).
-uint64_t stream_read(const void* data, std::size_t n_bytes);
+// Queries quantized for scoring, owning their storage; `batch` points into it.
+struct PreparedQueries {
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+  QueryBatch batch;
+};
+
+enum class QueryProblem { none, not_finite, too_large };
+
+// Quantizes n float queries of dimension d (row-major) and computes each one's VNNI
+// correction term. Refuses NaN or infinity, and magnitudes above kMaxQueryAbs (scores would
+// overflow float32); `bad_row` names the first offending query.
+constexpr float kMaxQueryAbs = 1e15f;
+QueryProblem prepare_queries(const float* x, std::size_t n, std::size_t d, PreparedQueries& out,
+                             std::size_t& bad_row);
+
+// Checks per-query lists in CSR form: n_lists + 1 offsets starting at 0, non-decreasing,
+// ending at n_entries. Returns an empty string when valid, else what is wrong.
+std::string validate_lists(const int64_t* offsets, std::size_t n_lists, int64_t n_entries);
+
+// Rerank for a batch: query i scores its own candidates items[offsets[i]:offsets[i+1]],
+// queries split across n_threads. Outputs are aligned with `items`.
+void score_candidates_batch(const PersonaMatrix& m, DotRowsFn dot, const PreparedQueries& q,
+                            const int64_t* offsets, const int64_t* items, std::size_t n_threads,
+                            float* out_scores, int64_t* out_persona);
 
 }  // namespace persona4rec
