@@ -18,6 +18,7 @@ from persona4rec.index import (
     PersonaMatch,
     PersonaText,
     RerankResult,
+    SearchResult,
     UnknownItemError,
 )
 from persona4rec.kernels import quantize
@@ -41,6 +42,7 @@ __all__ = [
     "Recommendation",
     "Recommender",
     "RerankResult",
+    "SearchResult",
     "ShardedPersonaIndex",
     "UnknownItemError",
     "__version__",

@@ -22,7 +22,7 @@ attempted while another holds the lock waits (``blocking``) or raises
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -41,6 +41,7 @@ __all__ = [
     "PersonaMatch",
     "PersonaText",
     "RerankResult",
+    "SearchResult",
     "UnknownItemError",
 ]
 
@@ -88,6 +89,55 @@ class RerankResult:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class SearchResult:
+    """Top-k items, best first: ``ids``, ``scores`` and ``persona_ids`` (each item's matched
+    persona: its explanation), in the shapes of :meth:`PersonaIndex.search` (1-D for one user,
+    padded 2-D for a batch). Persona ids are looked up only when read.
+
+    It unpacks and indexes like the tuple earlier versions returned: ``ids, scores``, or
+    ``ids, scores, persona_ids`` when the search asked ``return_personas=True``.
+    """
+
+    __slots__ = ("ids", "scores", "persona_rows", "_snap", "_unpack_personas", "_persona_ids")
+
+    def __init__(self, ids: np.ndarray, scores: np.ndarray, persona_rows: np.ndarray, snap: "_Snapshot", *,
+                 unpack_personas: bool = False) -> None:
+        self.ids = ids
+        self.scores = scores
+        self.persona_rows = persona_rows
+        self._snap = snap
+        self._unpack_personas = unpack_personas
+        self._persona_ids: np.ndarray | None = None
+
+    @property
+    def persona_ids(self) -> np.ndarray:
+        if self._persona_ids is None:
+            out = np.empty(self.persona_rows.shape, dtype=object)
+            for pos, r in np.ndenumerate(self.persona_rows):
+                out[pos] = self._snap.persona_text(int(r)).persona_id if r >= 0 else None
+            self._persona_ids = out
+        return self._persona_ids
+
+    def _as_tuple(self) -> tuple[np.ndarray, ...]:
+        if self._unpack_personas:
+            return self.ids, self.scores, self.persona_ids
+        return self.ids, self.scores
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self._as_tuple())
+
+    def __len__(self) -> int:
+        return len(self._as_tuple())
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i == 2:  # persona ids are always there, whatever the unpacking
+            return self.persona_ids
+        return self._as_tuple()[i]
+
+    def __repr__(self) -> str:
+        return f"SearchResult(ids={self.ids!r}, scores={self.scores!r})"
 
 
 _TEXT_FIELDS = ("persona_id", "name", "description", "rationale")
@@ -579,7 +629,7 @@ class PersonaIndex:
         n_threads: int = 1,
         unknown: str = "error",
         encoder: Mapping[str, Any] | Any | None = None,
-    ) -> Any:
+    ) -> SearchResult:
         """Exact top-k items over the whole catalog.
 
         One user (1-D vector) gives 1-D ``ids, scores`` with at most ``k`` entries; a batch
@@ -603,24 +653,18 @@ class PersonaIndex:
         return self._format(snap, items, scores, rows, single, return_personas)
 
     def _format(self, snap: _Snapshot, items: np.ndarray, scores: np.ndarray, rows: np.ndarray, single: bool,
-                return_personas: bool) -> Any:
+                return_personas: bool) -> "SearchResult":
+        ids: np.ndarray
         if snap.id_kind == "int":
             ids = np.where(items >= 0, snap.ids[np.maximum(items, 0)] if snap.n_items else -1, -1)
         else:
             ids = np.empty(items.shape, dtype=object)
             for pos, i in np.ndenumerate(items):
                 ids[pos] = snap.ids[int(i)] if i >= 0 else None
-        personas = None
-        if return_personas:
-            personas = np.empty(items.shape, dtype=object)
-            for pos, r in np.ndenumerate(rows):
-                personas[pos] = snap.persona_text(int(r)).persona_id if r >= 0 else None
         if single:
             n = int((items[0] >= 0).sum())
-            ids, scores = ids[0, :n], scores[0, :n]
-            if personas is not None:
-                personas = personas[0, :n]
-        return (ids, scores, personas) if return_personas else (ids, scores)
+            ids, scores, rows = ids[0, :n], scores[0, :n], rows[0, :n]
+        return SearchResult(ids, scores, rows, snap, unpack_personas=return_personas)
 
     # --------------------------------------------------------------- explain
     def explain(self, user_vec: np.ndarray, item_id: Hashable, *, encoder: Any = None) -> list[PersonaMatch]:
@@ -773,7 +817,7 @@ class PersonaIndex:
 
     def search_approx(self, user_vecs: np.ndarray, k: int = 10, exclude: Sequence[Any] | None = None, *,
                       ef: int | None = None, overfetch: int = 4, return_personas: bool = False,
-                      encoder: Any = None) -> Any:
+                      encoder: Any = None) -> SearchResult:
         """Approximate top-k: hnswlib finds ``overfetch * k`` personas, they are grouped by
         item (an item's score is its best persona among those found... then re-scored
         exactly over all its personas with the int8 kernel), and the best ``k`` items are
