@@ -72,12 +72,7 @@ FLOORS: dict[str, int] = {
 }
 
 # (importer, imported room) -> why the arrow exists today. Each must go; each has a strict xfail below.
-KNOWN_BACKWARD_ARROWS: dict[tuple[str, str], str] = {
-    (
-        "persona4rec.scale.pipeline",
-        "persona4rec.llm.cli",
-    ): "the Ray pipeline takes leakage_guard from the LLM command line (function-level import, floor 6 -> 8)",
-}
+KNOWN_BACKWARD_ARROWS: dict[tuple[str, str], str] = {}
 
 
 def package_dirs() -> list[Path]:

@@ -413,7 +413,7 @@ def build_stage_tasks(cfg: PipelineConfig, stage: str, prompts, reviews: list, i
 def load_inputs(cfg: PipelineConfig) -> tuple[list, dict, set, str | None]:
     """(reviews, items, excluded review ids, guard description), with the leakage guard enforced."""
     from persona4rec.llm import inputs
-    from persona4rec.llm.cli import leakage_guard
+    from persona4rec.llm.guard import leakage_guard
 
     excluded, guard = leakage_guard(cfg.guard_namespace())
     reviews = inputs.load_reviews(cfg.reviews)
