@@ -697,3 +697,12 @@ def test_duplicate_string_ids_are_refused_but_a_re_added_removed_id_loads(tmp_pa
     rewrite(path, data, meta)
     with pytest.raises(IndexFormatError, match="'ids' holds the live item id 'a' twice"):
         PersonaIndex.load(path)
+
+
+def test_adding_no_items_is_a_no_op_for_either_id_kind():
+    for ids in (["a", "b"], [1, 2]):
+        index = PersonaIndex.build(ids, unit_rows(np.random.default_rng(0), 2, 4), [0, 1, 2])
+        index.add_items([], np.zeros((0, 4), np.float32), [0])
+        assert index.item_ids == ids
+        with pytest.raises(ValueError, match="offsets"):
+            index.add_items([], np.zeros((1, 4), np.float32), [0])

@@ -707,7 +707,10 @@ class PersonaIndex:
         try:
             snap = self._snap
             kind, ids = _check_ids(item_ids)
-            if len(ids) and kind != snap.id_kind:
+            if len(ids) == 0:  # nothing to add (an empty list has no id kind): check the shapes only
+                _as_offsets(offsets, 0, _as_vectors(vectors, normalize).shape[0])
+                return
+            if kind != snap.id_kind:
                 raise TypeError(f"this index has {snap.id_kind} item ids; got {kind} ids")
             id_list = ids.tolist() if kind == "int" else ids
             if len(set(id_list)) != len(id_list):
