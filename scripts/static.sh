@@ -10,3 +10,5 @@ FORMATTED=(scripts tests/conftest.py tests/test_layers.py tests/test_llm_server.
 python -m ruff check --no-fix .
 python -m ruff format --check "${FORMATTED[@]}"
 python -m mypy
+# The C++ core: .clang-format at the repository root.
+git ls-files -z 'cpp/*.cpp' 'cpp/*.hpp' | xargs -0 clang-format --dry-run --Werror

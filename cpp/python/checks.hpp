@@ -11,12 +11,30 @@ namespace py = pybind11;
 
 template <typename T>
 const char* dtype_name();
-template <> inline const char* dtype_name<int8_t>() { return "int8"; }
-template <> inline const char* dtype_name<uint8_t>() { return "uint8"; }
-template <> inline const char* dtype_name<float>() { return "float32"; }
-template <> inline const char* dtype_name<int64_t>() { return "int64"; }
-template <> inline const char* dtype_name<int32_t>() { return "int32"; }
-template <> inline const char* dtype_name<uint64_t>() { return "uint64"; }
+template <>
+inline const char* dtype_name<int8_t>() {
+  return "int8";
+}
+template <>
+inline const char* dtype_name<uint8_t>() {
+  return "uint8";
+}
+template <>
+inline const char* dtype_name<float>() {
+  return "float32";
+}
+template <>
+inline const char* dtype_name<int64_t>() {
+  return "int64";
+}
+template <>
+inline const char* dtype_name<int32_t>() {
+  return "int32";
+}
+template <>
+inline const char* dtype_name<uint64_t>() {
+  return "uint64";
+}
 
 // Requires an array of exactly dtype T (native byte order), C-contiguous, with `ndim`
 // dimensions. Never copies: a silent copy of a large index would double its memory.
@@ -35,8 +53,8 @@ py::array require(const py::object& obj, const char* name, int ndim) {
                           "-dimensional, got shape with " + std::to_string(a.ndim()) +
                           " dimensions");
   if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) +
-                          " must be C-contiguous: pass np.ascontiguousarray(" + name + ")");
+    throw py::value_error(std::string(name) + " must be C-contiguous: pass np.ascontiguousarray(" +
+                          name + ")");
   return a;
 }
 

@@ -64,7 +64,8 @@ py::array_t<int32_t> dot_int8(const py::object& q_obj, const py::object& rows_ob
   const auto* rc = static_cast<const int8_t*>(rows.data());
   for (std::size_t j = 0; j < d; ++j)
     if (qc[j] == -128)
-      throw py::value_error("query codes must lie in [-127, 127] (-128 breaks the exact SIMD paths)");
+      throw py::value_error(
+          "query codes must lie in [-127, 127] (-128 breaks the exact SIMD paths)");
   py::array_t<int32_t> out(rows.shape(0));
   int32_t* o = out.mutable_data();
   const std::size_t n = std::size_t(rows.shape(0));
@@ -78,8 +79,7 @@ py::array_t<int32_t> dot_int8(const py::object& q_obj, const py::object& rows_ob
 
 uint64_t stream_read_py(const py::object& a_obj) {
   py::array a = py::reinterpret_borrow<py::array>(a_obj);
-  if (!(a.flags() & py::array::c_style))
-    throw py::value_error("array must be C-contiguous");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error("array must be C-contiguous");
   const void* p = a.data();
   const std::size_t n = std::size_t(a.nbytes());
   py::gil_scoped_release release;
@@ -92,7 +92,8 @@ uint64_t checksum_py(const py::object& obj, uint64_t seed) {
   Py_buffer view;
   if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
     PyErr_Clear();
-    throw py::value_error("checksum64 needs a C-contiguous buffer (bytes, memoryview or numpy array)");
+    throw py::value_error(
+        "checksum64 needs a C-contiguous buffer (bytes, memoryview or numpy array)");
   }
   const void* p = view.buf;
   const std::size_t n = std::size_t(view.len);
@@ -107,11 +108,13 @@ uint64_t checksum_py(const py::object& obj, uint64_t seed) {
 
 py::array_t<uint64_t> checksum64_rows_py(const py::object& rows_obj, const py::object& seeds_obj) {
   py::array rows = py::reinterpret_borrow<py::array>(rows_obj);
-  if (!py::isinstance<py::array>(rows_obj) || rows.ndim() != 2 || !(rows.flags() & py::array::c_style))
+  if (!py::isinstance<py::array>(rows_obj) || rows.ndim() != 2 ||
+      !(rows.flags() & py::array::c_style))
     throw py::value_error("rows must be a C-contiguous 2-D numpy array");
   py::array seeds = require<uint64_t>(seeds_obj, "seeds", 1);
   if (seeds.shape(0) != rows.shape(0))
-    throw py::value_error("seeds must have one entry per row (" + std::to_string(rows.shape(0)) + ")");
+    throw py::value_error("seeds must have one entry per row (" + std::to_string(rows.shape(0)) +
+                          ")");
   const auto n = std::size_t(rows.shape(0));
   const std::size_t row_bytes = std::size_t(rows.shape(1)) * std::size_t(rows.itemsize());
   const auto* base = static_cast<const unsigned char*>(rows.data());
@@ -144,8 +147,7 @@ void register_kernels(py::module_& m) {
         "Which kernel path is active, why (cpu, env, set_simd), and which paths are "
         "compiled and available on this CPU.");
   m.def(
-      "set_simd",
-      [](const std::string& name) { set_active_path(simd_path_from_name(name)); },
+      "set_simd", [](const std::string& name) { set_active_path(simd_path_from_name(name)); },
       py::arg("name"),
       "Force a kernel path for this process (tests, benchmarks). Not safe while other "
       "threads are querying.");

@@ -4,8 +4,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -20,7 +20,6 @@ using namespace persona4rec;
 using py_checks::require;
 
 namespace {
-
 
 class MaxSimIndex {
  public:
@@ -70,8 +69,8 @@ class MaxSimIndex {
     int64_t* p = persona.mutable_data();
     {
       py::gil_scoped_release release;
-      score_candidates(m_, active_dot_rows(), q.codes.data(), q.scales[0],
-                       q.batch.code_sums[0], c, n, s, p);
+      score_candidates(m_, active_dot_rows(), q.codes.data(), q.scales[0], q.batch.code_sums[0], c,
+                       n, s, p);
     }
     return py::make_tuple(scores, persona);
   }
@@ -97,9 +96,9 @@ class MaxSimIndex {
       list_offsets = require<int64_t>(pair[0], "list offsets", 1);
       list_items = require<int64_t>(pair[1], "list items", 1);
       if (std::size_t(list_offsets.shape(0)) != nq + 1)
-        throw py::value_error(std::string(what) + " offsets must have n_queries + 1 = " +
-                              std::to_string(nq + 1) + " entries, got " +
-                              std::to_string(list_offsets.shape(0)));
+        throw py::value_error(std::string(what) +
+                              " offsets must have n_queries + 1 = " + std::to_string(nq + 1) +
+                              " entries, got " + std::to_string(list_offsets.shape(0)));
       lists.offsets = static_cast<const int64_t*>(list_offsets.data());
       lists.items = static_cast<const int64_t*>(list_items.data());
       const std::string err = validate_lists(lists.offsets, nq, int64_t(list_items.shape(0)));
@@ -115,8 +114,9 @@ class MaxSimIndex {
         mask_arr = require<uint8_t>(exclude_mask, "exclude_mask", 1);
       if (mask_arr.ndim() != 1 || std::size_t(mask_arr.shape(0)) != m_.n_items ||
           !(mask_arr.flags() & py::array::c_style))
-        throw py::value_error("exclude_mask must be a contiguous 1-D bool/uint8 array of n_items = " +
-                              std::to_string(m_.n_items) + " entries");
+        throw py::value_error(
+            "exclude_mask must be a contiguous 1-D bool/uint8 array of n_items = " +
+            std::to_string(m_.n_items) + " entries");
       mask = static_cast<const uint8_t*>(mask_arr.data());
     }
     const auto K = py::ssize_t(k);
@@ -128,8 +128,8 @@ class MaxSimIndex {
     int64_t* op = persona.mutable_data();
     {
       py::gil_scoped_release release;
-      topk_catalog(m_, active_dot_rows(), active_dot_tile(), q.batch, std::size_t(k), mode, lists, mask,
-                   std::size_t(n_threads), oi, os, op);
+      topk_catalog(m_, active_dot_rows(), active_dot_tile(), q.batch, std::size_t(k), mode, lists,
+                   mask, std::size_t(n_threads), oi, os, op);
     }
     return py::make_tuple(items, scores, persona);
   }
@@ -146,8 +146,9 @@ class MaxSimIndex {
     py::array off_arr = require<int64_t>(pair[0], "candidate offsets", 1);
     py::array item_arr = require<int64_t>(pair[1], "candidate items", 1);
     if (std::size_t(off_arr.shape(0)) != nq + 1)
-      throw py::value_error("candidate offsets must have n_queries + 1 = " + std::to_string(nq + 1) +
-                            " entries, got " + std::to_string(off_arr.shape(0)));
+      throw py::value_error(
+          "candidate offsets must have n_queries + 1 = " + std::to_string(nq + 1) +
+          " entries, got " + std::to_string(off_arr.shape(0)));
     const auto* off = static_cast<const int64_t*>(off_arr.data());
     const auto* items = static_cast<const int64_t*>(item_arr.data());
     const std::string err = validate_lists(off, nq, int64_t(item_arr.shape(0)));
@@ -240,8 +241,8 @@ class MaxSimIndex {
   void check_items(const int64_t* items, std::size_t n, const char* what) const {
     for (std::size_t i = 0; i < n; ++i)
       if (items[i] < 0 || std::size_t(items[i]) >= m_.n_items)
-        throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] = " +
-                              std::to_string(items[i]) + " is not an item index in [0, " +
+        throw py::value_error(std::string(what) + "[" + std::to_string(i) +
+                              "] = " + std::to_string(items[i]) + " is not an item index in [0, " +
                               std::to_string(m_.n_items) + ")");
   }
 
@@ -265,9 +266,10 @@ class MaxSimIndex {
       throw py::value_error("query " + std::to_string(bad) +
                             " contains NaN or infinity: check the user profile");
     if (problem == QueryProblem::too_large)
-      throw py::value_error("query " + std::to_string(bad) + " holds values up to " +
-                            std::to_string(q.scales[bad] * 127.0f) +
-                            ", above 1e15: scores would overflow float32; L2-normalise the user vectors");
+      throw py::value_error(
+          "query " + std::to_string(bad) + " holds values up to " +
+          std::to_string(q.scales[bad] * 127.0f) +
+          ", above 1e15: scores would overflow float32; L2-normalise the user vectors");
     return q;
   }
 
@@ -288,7 +290,8 @@ void register_maxsim(py::module_& m) {
            "Best persona score and persona row for each candidate item index (input order).")
       .def("score_candidates_batch", &MaxSimIndex::score_candidates_batch_py, py::arg("queries"),
            py::arg("candidates"), py::arg("n_threads") = 1,
-           "Rerank a batch: query i scores the items candidates[1][candidates[0][i]:candidates[0][i+1]]; "
+           "Rerank a batch: query i scores the items "
+           "candidates[1][candidates[0][i]:candidates[0][i+1]]; "
            "returns flat (scores, persona_rows) aligned with the candidate items.")
       .def("rerank_by_id", &MaxSimIndex::rerank_by_id_py, py::arg("query"), py::arg("candidates"),
            py::arg("id_to_index"), py::arg("n_visible"), py::arg("removed") = py::none(),

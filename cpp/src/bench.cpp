@@ -10,8 +10,14 @@ uint64_t stream_read(const void* data, std::size_t n_bytes) {
   uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    a0 ^= p[i]; a1 ^= p[i + 1]; a2 ^= p[i + 2]; a3 ^= p[i + 3];
-    a4 ^= p[i + 4]; a5 ^= p[i + 5]; a6 ^= p[i + 6]; a7 ^= p[i + 7];
+    a0 ^= p[i];
+    a1 ^= p[i + 1];
+    a2 ^= p[i + 2];
+    a3 ^= p[i + 3];
+    a4 ^= p[i + 4];
+    a5 ^= p[i + 5];
+    a6 ^= p[i + 6];
+    a7 ^= p[i + 7];
   }
   for (; i < n; ++i) a0 ^= p[i];
   uint64_t tail = 0;

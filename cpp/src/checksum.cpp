@@ -11,7 +11,9 @@ constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
 constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
 constexpr uint64_t kPrimeV1 = 0x9E3779B97F4A7C15ULL;
 
-inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+inline uint64_t rotl(uint64_t x, int r) {
+  return (x << r) | (x >> (64 - r));
+}
 
 inline uint64_t mix(uint64_t x) {
   // splitmix64 finaliser: a bijection on 64-bit words.
@@ -33,7 +35,9 @@ inline uint64_t load64(const unsigned char* p) {
 // lane) runs twice as fast but lets two flips cancel: additions and rotations carry an
 // additive difference through unchanged, so bit j of one word and bit j-2 of the word
 // two rounds later cancel for some data (measured before this choice).
-inline uint64_t round64(uint64_t acc, uint64_t w) { return rotl(acc + w * kP2, 31) * kP1; }
+inline uint64_t round64(uint64_t acc, uint64_t w) {
+  return rotl(acc + w * kP2, 31) * kP1;
+}
 
 }  // namespace
 

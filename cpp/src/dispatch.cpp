@@ -58,9 +58,10 @@ void init_active() {
       // running another path would make forced-path tests meaningless.
       chosen = simd_path_from_name(env);
       if (!path_available(chosen))
-        throw std::invalid_argument(std::string("PERSONA4REC_SIMD=") + env +
-                                    " is not available on this CPU/build; unset it or choose one of "
-                                    "the paths listed by persona4rec.simd_info()['available']");
+        throw std::invalid_argument(
+            std::string("PERSONA4REC_SIMD=") + env +
+            " is not available on this CPU/build; unset it or choose one of "
+            "the paths listed by persona4rec.simd_info()['available']");
       g_source = "env";
     }
     g_active.store(int(chosen));
@@ -71,10 +72,14 @@ void init_active() {
 
 const char* simd_path_name(SimdPath p) {
   switch (p) {
-    case SimdPath::scalar: return "scalar";
-    case SimdPath::avx2: return "avx2";
-    case SimdPath::avx512vnni: return "avx512vnni";
-    case SimdPath::neon: return "neon";
+    case SimdPath::scalar:
+      return "scalar";
+    case SimdPath::avx2:
+      return "avx2";
+    case SimdPath::avx512vnni:
+      return "avx512vnni";
+    case SimdPath::neon:
+      return "neon";
   }
   return "unknown";
 }
@@ -120,26 +125,34 @@ SimdPath best_path() {
 DotRowsFn dot_rows_for(SimdPath p) {
   switch (p) {
 #if defined(P4R_HAVE_X86)
-    case SimdPath::avx2: return &dot_rows_avx2;
-    case SimdPath::avx512vnni: return &dot_rows_avx512vnni;
+    case SimdPath::avx2:
+      return &dot_rows_avx2;
+    case SimdPath::avx512vnni:
+      return &dot_rows_avx512vnni;
 #endif
 #if defined(P4R_HAVE_NEON)
-    case SimdPath::neon: return &dot_rows_neon;
+    case SimdPath::neon:
+      return &dot_rows_neon;
 #endif
-    default: return &dot_rows_scalar;
+    default:
+      return &dot_rows_scalar;
   }
 }
 
 DotTileFn dot_tile_for(SimdPath p) {
   switch (p) {
 #if defined(P4R_HAVE_X86)
-    case SimdPath::avx2: return &dot_tile_avx2;
-    case SimdPath::avx512vnni: return &dot_tile_avx512vnni;
+    case SimdPath::avx2:
+      return &dot_tile_avx2;
+    case SimdPath::avx512vnni:
+      return &dot_tile_avx512vnni;
 #endif
 #if defined(P4R_HAVE_NEON)
-    case SimdPath::neon: return &dot_tile_neon;
+    case SimdPath::neon:
+      return &dot_tile_neon;
 #endif
-    default: return &dot_tile_scalar;
+    default:
+      return &dot_tile_scalar;
   }
 }
 
@@ -157,9 +170,13 @@ void set_active_path(SimdPath p) {
   g_source = "set_simd";
 }
 
-DotRowsFn active_dot_rows() { return dot_rows_for(active_path()); }
+DotRowsFn active_dot_rows() {
+  return dot_rows_for(active_path());
+}
 
-DotTileFn active_dot_tile() { return dot_tile_for(active_path()); }
+DotTileFn active_dot_tile() {
+  return dot_tile_for(active_path());
+}
 
 const char* active_path_source() {
   init_active();

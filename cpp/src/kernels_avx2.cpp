@@ -36,8 +36,8 @@ inline int32_t tail_dot(const int8_t* q, const int8_t* v, std::size_t from, std:
 
 }  // namespace
 
-void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
-                   std::size_t d, int32_t* out) {
+void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows, std::size_t d,
+                   int32_t* out) {
   const int8_t* q = qc.codes;
   const std::size_t body = d & ~std::size_t(31);
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -59,10 +59,14 @@ void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
     for (std::size_t j = 0; j < body; j += 32) {
       const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j));
       const __m256i aq = _mm256_abs_epi8(qv);
-      a0 = madd_step(a0, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j)), ones16);
-      a1 = madd_step(a1, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j)), ones16);
-      a2 = madd_step(a2, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v2 + j)), ones16);
-      a3 = madd_step(a3, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v3 + j)), ones16);
+      a0 = madd_step(a0, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j)),
+                     ones16);
+      a1 = madd_step(a1, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j)),
+                     ones16);
+      a2 = madd_step(a2, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v2 + j)),
+                     ones16);
+      a3 = madd_step(a3, aq, qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v3 + j)),
+                     ones16);
     }
     out[r + 0] = hsum(a0) + tail_dot(q, v0, body, d);
     out[r + 1] = hsum(a1) + tail_dot(q, v1, body, d);
@@ -74,7 +78,8 @@ void dot_rows_avx2(const QueryCodes& qc, const int8_t* rows, std::size_t n_rows,
     __m256i a = _mm256_setzero_si256();
     for (std::size_t j = 0; j < body; j += 32) {
       const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j));
-      a = madd_step(a, _mm256_abs_epi8(qv), qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)), ones16);
+      a = madd_step(a, _mm256_abs_epi8(qv), qv,
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)), ones16);
     }
     out[r] = hsum(a) + tail_dot(q, v, body, d);
   }
@@ -107,7 +112,8 @@ void tile2(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
     const int8_t* v1 = rows + (r + 1) * d;
     const int8_t* v2 = rows + (r + 2) * d;
     const int8_t* v3 = rows + (r + 3) * d;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+            b3 = a0;
     for (std::size_t j = 0; j < body; j += 32) {
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + j));
       const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + j));
@@ -135,15 +141,17 @@ void tile2(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
     }
   }
   if (r < n_rows)
-    for (int i = 0; i < 2; ++i) dot_rows_avx2(qs[i], rows + r * d, n_rows - r, d, out + std::size_t(i) * stride + r);
+    for (int i = 0; i < 2; ++i)
+      dot_rows_avx2(qs[i], rows + r * d, n_rows - r, d, out + std::size_t(i) * stride + r);
 }
 
 }  // namespace
 
-void dot_tile_avx2(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows, std::size_t n_rows,
-                   std::size_t d, int32_t* out, std::size_t out_stride) {
+void dot_tile_avx2(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
+                   std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride) {
   std::size_t i = 0;
-  for (; i + 2 <= n_queries; i += 2) tile2(qs + i, rows, n_rows, d, out + i * out_stride, out_stride);
+  for (; i + 2 <= n_queries; i += 2)
+    tile2(qs + i, rows, n_rows, d, out + i * out_stride, out_stride);
   for (; i < n_queries; ++i) dot_rows_avx2(qs[i], rows, n_rows, d, out + i * out_stride);
 }
 

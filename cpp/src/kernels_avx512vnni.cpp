@@ -47,10 +47,14 @@ void dot_rows_avx512vnni(const QueryCodes& qc, const int8_t* rows, std::size_t n
       a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_loadu_si512(v3 + j), bias), qv);
     }
     if (rest) {
-      a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v0 + body), bias), q_tail);
-      a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v1 + body), bias), q_tail);
-      a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v2 + body), bias), q_tail);
-      a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v3 + body), bias), q_tail);
+      a0 = _mm512_dpbusd_epi32(
+          a0, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v0 + body), bias), q_tail);
+      a1 = _mm512_dpbusd_epi32(
+          a1, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v1 + body), bias), q_tail);
+      a2 = _mm512_dpbusd_epi32(
+          a2, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v2 + body), bias), q_tail);
+      a3 = _mm512_dpbusd_epi32(
+          a3, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v3 + body), bias), q_tail);
     }
     out[r + 0] = _mm512_reduce_add_epi32(a0) - correction;
     out[r + 1] = _mm512_reduce_add_epi32(a1) - correction;
@@ -64,7 +68,8 @@ void dot_rows_avx512vnni(const QueryCodes& qc, const int8_t* rows, std::size_t n
       a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_loadu_si512(v + j), bias),
                               _mm512_loadu_si512(q + j));
     if (rest)
-      a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v + body), bias), q_tail);
+      a = _mm512_dpbusd_epi32(
+          a, _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v + body), bias), q_tail);
     out[r] = _mm512_reduce_add_epi32(a) - correction;
   }
 }
@@ -86,9 +91,12 @@ inline __m512i sum16(const __m512i* x) {
   const __m512i t1 = sum4(x[4], x[5], x[6], x[7]);
   const __m512i t2 = sum4(x[8], x[9], x[10], x[11]);
   const __m512i t3 = sum4(x[12], x[13], x[14], x[15]);
-  const __m512i v01 = _mm512_add_epi32(_mm512_shuffle_i32x4(t0, t1, 0x44), _mm512_shuffle_i32x4(t0, t1, 0xEE));
-  const __m512i v23 = _mm512_add_epi32(_mm512_shuffle_i32x4(t2, t3, 0x44), _mm512_shuffle_i32x4(t2, t3, 0xEE));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(v01, v23, 0x88), _mm512_shuffle_i32x4(v01, v23, 0xDD));
+  const __m512i v01 =
+      _mm512_add_epi32(_mm512_shuffle_i32x4(t0, t1, 0x44), _mm512_shuffle_i32x4(t0, t1, 0xEE));
+  const __m512i v23 =
+      _mm512_add_epi32(_mm512_shuffle_i32x4(t2, t3, 0x44), _mm512_shuffle_i32x4(t2, t3, 0xEE));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(v01, v23, 0x88),
+                          _mm512_shuffle_i32x4(v01, v23, 0xDD));
 }
 
 // Four queries x four rows per register tile: sixteen accumulators, each 64-byte step
@@ -140,10 +148,11 @@ void tile4(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
       acc[15] = _mm512_dpbusd_epi32(acc[15], x3, e);
     };
     for (std::size_t j = 0; j < body; j += 64) {
-      step(_mm512_xor_si512(_mm512_loadu_si512(v0 + j), bias), _mm512_xor_si512(_mm512_loadu_si512(v1 + j), bias),
-           _mm512_xor_si512(_mm512_loadu_si512(v2 + j), bias), _mm512_xor_si512(_mm512_loadu_si512(v3 + j), bias),
-           _mm512_loadu_si512(q0 + j), _mm512_loadu_si512(q1 + j), _mm512_loadu_si512(q2 + j),
-           _mm512_loadu_si512(q3 + j));
+      step(_mm512_xor_si512(_mm512_loadu_si512(v0 + j), bias),
+           _mm512_xor_si512(_mm512_loadu_si512(v1 + j), bias),
+           _mm512_xor_si512(_mm512_loadu_si512(v2 + j), bias),
+           _mm512_xor_si512(_mm512_loadu_si512(v3 + j), bias), _mm512_loadu_si512(q0 + j),
+           _mm512_loadu_si512(q1 + j), _mm512_loadu_si512(q2 + j), _mm512_loadu_si512(q3 + j));
     }
     if (rest) {
       // Masked-out bytes are zero in the queries, so the bias there adds nothing.
@@ -151,16 +160,20 @@ void tile4(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
            _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v1 + body), bias),
            _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v2 + body), bias),
            _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail_mask, v3 + body), bias),
-           _mm512_maskz_loadu_epi8(tail_mask, q0 + body), _mm512_maskz_loadu_epi8(tail_mask, q1 + body),
-           _mm512_maskz_loadu_epi8(tail_mask, q2 + body), _mm512_maskz_loadu_epi8(tail_mask, q3 + body));
+           _mm512_maskz_loadu_epi8(tail_mask, q0 + body),
+           _mm512_maskz_loadu_epi8(tail_mask, q1 + body),
+           _mm512_maskz_loadu_epi8(tail_mask, q2 + body),
+           _mm512_maskz_loadu_epi8(tail_mask, q3 + body));
     }
     alignas(64) int32_t sums[16];
     _mm512_store_si512(sums, _mm512_sub_epi32(sum16(acc), correction));
     for (int i = 0; i < 4; ++i)
-      for (int k = 0; k < 4; ++k) out[std::size_t(i) * stride + r + std::size_t(k)] = sums[i * 4 + k];
+      for (int k = 0; k < 4; ++k)
+        out[std::size_t(i) * stride + r + std::size_t(k)] = sums[i * 4 + k];
   }
   if (r < n_rows)
-    for (int i = 0; i < 4; ++i) dot_rows_avx512vnni(qs[i], rows + r * d, n_rows - r, d, out + std::size_t(i) * stride + r);
+    for (int i = 0; i < 4; ++i)
+      dot_rows_avx512vnni(qs[i], rows + r * d, n_rows - r, d, out + std::size_t(i) * stride + r);
 }
 
 }  // namespace
@@ -168,7 +181,8 @@ void tile4(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
 void dot_tile_avx512vnni(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
                          std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride) {
   std::size_t i = 0;
-  for (; i + 4 <= n_queries; i += 4) tile4(qs + i, rows, n_rows, d, out + i * out_stride, out_stride);
+  for (; i + 4 <= n_queries; i += 4)
+    tile4(qs + i, rows, n_rows, d, out + i * out_stride, out_stride);
   for (; i < n_queries; ++i) dot_rows_avx512vnni(qs[i], rows, n_rows, d, out + i * out_stride);
 }
 

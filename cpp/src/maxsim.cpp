@@ -54,20 +54,21 @@ std::string validate_offsets(PersonaMatrix& m) {
   for (std::size_t i = 0; i < m.n_items; ++i) {
     const int64_t a = m.offsets[i], b = m.offsets[i + 1];
     if (b < a)
-      return "offsets must be non-decreasing: offsets[" + std::to_string(i + 1) + "]=" +
-             std::to_string(b) + " < offsets[" + std::to_string(i) + "]=" + std::to_string(a);
+      return "offsets must be non-decreasing: offsets[" + std::to_string(i + 1) +
+             "]=" + std::to_string(b) + " < offsets[" + std::to_string(i) +
+             "]=" + std::to_string(a);
     max_group = std::max<std::size_t>(max_group, std::size_t(b - a));
   }
   if (m.offsets[m.n_items] != int64_t(m.n_personas))
-    return "offsets[-1] must equal the number of persona vectors (" +
-           std::to_string(m.n_personas) + "), got " + std::to_string(m.offsets[m.n_items]);
+    return "offsets[-1] must equal the number of persona vectors (" + std::to_string(m.n_personas) +
+           "), got " + std::to_string(m.offsets[m.n_items]);
   m.max_group = max_group;
   return "";
 }
 
-void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_codes,
-                      float q_scale, int64_t q_code_sum, const int64_t* candidates,
-                      std::size_t n_candidates, float* out_scores, int64_t* out_persona) {
+void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_codes, float q_scale,
+                      int64_t q_code_sum, const int64_t* candidates, std::size_t n_candidates,
+                      float* out_scores, int64_t* out_persona) {
   const QueryCodes q{q_codes, q_code_sum};
   std::vector<int32_t> dots(std::max<std::size_t>(m.max_group, 1));
   const std::size_t d = m.d;
@@ -121,7 +122,8 @@ void write_row(std::vector<Scored> best, std::size_t k, int64_t* items, float* s
 void topk_allowed(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, std::size_t qi,
                   std::size_t k, const ItemLists& lists, const uint8_t* exclude_mask,
                   int64_t* out_items, float* out_scores, int64_t* out_persona) {
-  std::vector<int64_t> allowed(lists.items + lists.offsets[qi], lists.items + lists.offsets[qi + 1]);
+  std::vector<int64_t> allowed(lists.items + lists.offsets[qi],
+                               lists.items + lists.offsets[qi + 1]);
   std::sort(allowed.begin(), allowed.end());
   allowed.erase(std::unique(allowed.begin(), allowed.end()), allowed.end());
   if (exclude_mask != nullptr)
@@ -140,10 +142,10 @@ void topk_allowed(const PersonaMatrix& m, DotRowsFn dot, const QueryBatch& qs, s
 
 // Block-major scan of the whole catalog for queries [q_begin, q_end): each block of
 // persona rows is read from memory once and scored for every query of the range.
-void topk_scan(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& qs, std::size_t q_begin,
-               std::size_t q_end, std::size_t k, ListMode mode, const ItemLists& lists,
-               const uint8_t* exclude_mask, int64_t* out_items, float* out_scores,
-               int64_t* out_persona) {
+void topk_scan(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& qs,
+               std::size_t q_begin, std::size_t q_end, std::size_t k, ListMode mode,
+               const ItemLists& lists, const uint8_t* exclude_mask, int64_t* out_items,
+               float* out_scores, int64_t* out_persona) {
   const std::size_t d = m.d;
   const std::size_t nq = q_end - q_begin;
   std::vector<TopK> heaps(nq, TopK(k));
@@ -160,7 +162,8 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const Quer
   for (std::size_t j = 0; j < nq; ++j)
     q[j] = QueryCodes{qs.codes + (q_begin + j) * d, qs.code_sums[q_begin + j]};
 
-  const std::size_t rows_per_block = std::max<std::size_t>(kBlockBytes / std::max<std::size_t>(d, 1), 1);
+  const std::size_t rows_per_block =
+      std::max<std::size_t>(kBlockBytes / std::max<std::size_t>(d, 1), 1);
   const std::size_t stride = std::max(rows_per_block, m.max_group) + 1;
   std::vector<int32_t> dots(stride * nq);
 
@@ -196,7 +199,8 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const Quer
           float best;
           std::size_t best_j;
           best_of_group(qdots + a, m.scales + p0 + a, n, q_scale, best, best_j);
-          if (heap.admits(best, int64_t(i))) heap.push(Scored{best, int64_t(i), int64_t(p0 + a + best_j)});
+          if (heap.admits(best, int64_t(i)))
+            heap.push(Scored{best, int64_t(i), int64_t(p0 + a + best_j)});
         }
       }
     }
@@ -212,15 +216,16 @@ void topk_scan(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const Quer
 }  // namespace
 
 void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& queries,
-                  std::size_t k, ListMode mode, const ItemLists& lists,
-                  const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
-                  float* out_scores, int64_t* out_persona) {
+                  std::size_t k, ListMode mode, const ItemLists& lists, const uint8_t* exclude_mask,
+                  std::size_t n_threads, int64_t* out_items, float* out_scores,
+                  int64_t* out_persona) {
   const std::size_t nq = queries.n;
   if (nq == 0 || k == 0) return;
   auto run_range = [&](std::size_t a, std::size_t b) {
     if (mode == ListMode::allow) {
       for (std::size_t qi = a; qi < b; ++qi)
-        topk_allowed(m, dot, queries, qi, k, lists, exclude_mask, out_items, out_scores, out_persona);
+        topk_allowed(m, dot, queries, qi, k, lists, exclude_mask, out_items, out_scores,
+                     out_persona);
     } else {
       topk_scan(m, dot, tile, queries, a, b, k, mode, lists, exclude_mask, out_items, out_scores,
                 out_persona);
@@ -254,7 +259,8 @@ QueryProblem prepare_queries(const float* x, std::size_t n, std::size_t d, Prepa
 
 std::string validate_lists(const int64_t* offsets, std::size_t n_lists, int64_t n_entries) {
   if (offsets[0] != 0 || offsets[n_lists] != n_entries)
-    return "offsets must start at 0 and end at the number of items (" + std::to_string(n_entries) + ")";
+    return "offsets must start at 0 and end at the number of items (" + std::to_string(n_entries) +
+           ")";
   for (std::size_t i = 0; i < n_lists; ++i)
     if (offsets[i + 1] < offsets[i]) return "offsets must be non-decreasing";
   return "";
@@ -266,8 +272,8 @@ void score_candidates_batch(const PersonaMatrix& m, DotRowsFn dot, const Prepare
   parallel_for(q.batch.n, n_threads, [&](std::size_t a, std::size_t b) {
     for (std::size_t i = a; i < b; ++i)
       score_candidates(m, dot, q.codes.data() + i * m.d, q.scales[i], q.batch.code_sums[i],
-                       items + offsets[i], std::size_t(offsets[i + 1] - offsets[i]), out_scores + offsets[i],
-                       out_persona + offsets[i]);
+                       items + offsets[i], std::size_t(offsets[i + 1] - offsets[i]),
+                       out_scores + offsets[i], out_persona + offsets[i]);
   });
 }
 

@@ -22,7 +22,8 @@ namespace {
 
 // The portable loops: the whole row on targets without SSE2, the tails otherwise.
 // Folds |x| of row[from:d] into `m` and clears `finite` on NaN or infinity.
-inline void tail_max_abs(const float* row, std::size_t from, std::size_t d, float& m, bool& finite) {
+inline void tail_max_abs(const float* row, std::size_t from, std::size_t d, float& m,
+                         bool& finite) {
   for (std::size_t j = from; j < d; ++j) {
     const float a = std::fabs(row[j]);
     finite &= std::isfinite(a);

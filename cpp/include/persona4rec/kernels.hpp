@@ -26,26 +26,25 @@ using DotRowsFn = void (*)(const QueryCodes& q, const int8_t* rows, std::size_t 
 // row serves several queries and each query load several rows, and they finish a whole
 // tile's horizontal sums together; results are bit-identical to DotRowsFn per query.
 using DotTileFn = void (*)(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
-                           std::size_t n_rows, std::size_t d, int32_t* out,
-                           std::size_t out_stride);
+                           std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride);
 
-void dot_rows_scalar(const QueryCodes& q, const int8_t* rows, std::size_t n_rows,
-                     std::size_t d, int32_t* out);
+void dot_rows_scalar(const QueryCodes& q, const int8_t* rows, std::size_t n_rows, std::size_t d,
+                     int32_t* out);
 void dot_tile_scalar(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
                      std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride);
 #if defined(P4R_HAVE_X86)
-void dot_rows_avx2(const QueryCodes& q, const int8_t* rows, std::size_t n_rows,
-                   std::size_t d, int32_t* out);
-void dot_rows_avx512vnni(const QueryCodes& q, const int8_t* rows, std::size_t n_rows,
-                         std::size_t d, int32_t* out);
+void dot_rows_avx2(const QueryCodes& q, const int8_t* rows, std::size_t n_rows, std::size_t d,
+                   int32_t* out);
+void dot_rows_avx512vnni(const QueryCodes& q, const int8_t* rows, std::size_t n_rows, std::size_t d,
+                         int32_t* out);
 void dot_tile_avx2(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
                    std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride);
 void dot_tile_avx512vnni(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
                          std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride);
 #endif
 #if defined(P4R_HAVE_NEON)
-void dot_rows_neon(const QueryCodes& q, const int8_t* rows, std::size_t n_rows,
-                   std::size_t d, int32_t* out);
+void dot_rows_neon(const QueryCodes& q, const int8_t* rows, std::size_t n_rows, std::size_t d,
+                   int32_t* out);
 void dot_tile_neon(const QueryCodes* qs, std::size_t n_queries, const int8_t* rows,
                    std::size_t n_rows, std::size_t d, int32_t* out, std::size_t out_stride);
 #endif

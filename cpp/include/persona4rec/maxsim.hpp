@@ -14,13 +14,13 @@
 namespace persona4rec {
 
 struct PersonaMatrix {
-  const int8_t* codes = nullptr;    // n_personas x d, row-major
-  const float* scales = nullptr;    // n_personas
-  const int64_t* offsets = nullptr; // n_items + 1
+  const int8_t* codes = nullptr;     // n_personas x d, row-major
+  const float* scales = nullptr;     // n_personas
+  const int64_t* offsets = nullptr;  // n_items + 1
   std::size_t n_items = 0;
   std::size_t n_personas = 0;
   std::size_t d = 0;
-  std::size_t max_group = 0;        // largest number of personas of one item
+  std::size_t max_group = 0;  // largest number of personas of one item
 };
 
 // Checks offsets: starts at 0, non-decreasing, ends at n_personas. Returns an empty
@@ -47,9 +47,9 @@ enum class ListMode { none, allow, deny };
 // Score the given candidate items for one query (the rerank path): touches only the
 // candidates' rows. Outputs have n_candidates entries; an item with no personas gets
 // -infinity and persona -1. Candidate indices must be validated by the caller.
-void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_codes,
-                      float q_scale, int64_t q_code_sum, const int64_t* candidates,
-                      std::size_t n_candidates, float* out_scores, int64_t* out_persona);
+void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_codes, float q_scale,
+                      int64_t q_code_sum, const int64_t* candidates, std::size_t n_candidates,
+                      float* out_scores, int64_t* out_persona);
 
 // Exact top-k over the catalog for every query, fused: block scan, per-item max and a
 // bounded heap, so no full score array exists. Rows of the outputs (n_queries x k) are
@@ -58,9 +58,9 @@ void score_candidates(const PersonaMatrix& m, DotRowsFn dot, const int8_t* q_cod
 // `tile` scores a batch's queries together against each block (several queries per
 // register tile); `dot` serves single queries and allow-lists.
 void topk_catalog(const PersonaMatrix& m, DotRowsFn dot, DotTileFn tile, const QueryBatch& queries,
-                  std::size_t k, ListMode mode, const ItemLists& lists,
-                  const uint8_t* exclude_mask, std::size_t n_threads, int64_t* out_items,
-                  float* out_scores, int64_t* out_persona);
+                  std::size_t k, ListMode mode, const ItemLists& lists, const uint8_t* exclude_mask,
+                  std::size_t n_threads, int64_t* out_items, float* out_scores,
+                  int64_t* out_persona);
 
 // Queries quantized for scoring, owning their storage; `batch` points into it.
 struct PreparedQueries {
