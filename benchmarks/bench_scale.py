@@ -145,7 +145,7 @@ def bench_serve(args) -> None:
         del vecs
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
         try:
             t = time.perf_counter()
             url = served.start(d, port=args.port, verify=False)
@@ -266,7 +266,7 @@ def bench_pipeline(args) -> None:
             single_wall, single_cpu = time.perf_counter() - t0, _tree_cpu() - c0
             assert summary.done == args.tasks, summary
             t0 = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
             init_s = time.perf_counter() - t0
             try:
                 pcfg = _pipeline_config(d, url, reviews, items, "ray", 2, args.concurrency // 2, args.concurrency)
@@ -399,7 +399,7 @@ def bench_cost(args) -> None:
                 "run": {"out": str(d / "out"), "stages": ["aspects", "summaries", "personas"], "actors": 2,
                         "partitions": 4},
                 "encoder": {"enabled": False}})
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
             try:
                 result = run_pipeline(cfg, log=lambda m: None)
             finally:

@@ -439,7 +439,7 @@ def run_pipeline(cfg: PipelineConfig, *, address: str | None = None, log=print) 
     own_ray = not ray.is_initialized()
     if own_ray:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     summaries: dict[str, dict[str, Any]] = {}

@@ -300,7 +300,7 @@ def start(index_dir: str | Path, *, address: str | None = None, host: str = "127
     local Ray is started (``ray.init``); with one, the existing cluster is joined."""
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
