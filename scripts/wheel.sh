@@ -26,7 +26,9 @@ for required in CMakeLists.txt pyproject.toml cpp/src/kernels_scalar.cpp cpp/pyt
     src/persona4rec/__init__.py src/persona4rec/_core.pyi; do
   grep -q "^[^/]*/$required\$" "$tmp/sdist.txt" || { echo "sdist lacks $required"; exit 1; }
 done
-if grep -E '^[^/]*/(\.venv[^/]*|build|dist|\.git)/' "$tmp/sdist.txt" | head -5 | grep .; then
+# Into a file first: with pipefail, `grep | head` fails when head closes the pipe early.
+if grep -E '^[^/]*/(\.venv[^/]*|build|dist|\.git)/' "$tmp/sdist.txt" >"$tmp/sdist-bad.txt"; then
+  head -5 "$tmp/sdist-bad.txt"
   echo "the sdist holds a venv, build output or .git (above): see [tool.scikit-build] sdist.exclude"
   exit 1
 fi
@@ -42,7 +44,8 @@ case "$(basename "$wheel")" in
   *manylinux*) echo "repaired: $(basename "$wheel")" ;;
   *) echo "auditwheel did not produce a manylinux wheel: $wheel"; exit 1 ;;
 esac
-"$tmp/tools/bin/auditwheel" show "$wheel" | head -3
+"$tmp/tools/bin/auditwheel" show "$wheel" >"$tmp/show.txt"
+head -3 "$tmp/show.txt"
 
 step "contents: no tests, no build files, no build paths"
 "$tmp/tools/bin/python" - "$wheel" "$repo" <<'EOF'
