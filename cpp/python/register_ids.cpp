@@ -6,6 +6,7 @@
 
 #include "checks.hpp"
 #include "persona4rec/ids.hpp"
+#include "persona4rec/maxsim.hpp"
 
 namespace py = pybind11;
 using namespace persona4rec;
@@ -28,11 +29,8 @@ int64_t find_duplicate_string_py(const py::object& data_obj, const py::object& o
   if (offsets.shape(0) < 1) throw py::value_error("offsets must have n + 1 entries");
   const auto n = std::size_t(offsets.shape(0) - 1);
   const auto* off = static_cast<const int64_t*>(offsets.data());
-  const auto size = int64_t(data.shape(0));
-  if (off[0] != 0 || off[n] != size)
-    throw py::value_error("offsets must start at 0 and end at len(data)");
-  for (std::size_t i = 0; i < n; ++i)
-    if (off[i + 1] < off[i]) throw py::value_error("offsets must be non-decreasing");
+  const std::string err = validate_lists(off, n, int64_t(data.shape(0)));
+  if (!err.empty()) throw py::value_error("string " + err);
   py::array keep;
   const uint8_t* skip = skip_mask(skip_obj, n, keep);
   const auto* d = static_cast<const uint8_t*>(data.data());

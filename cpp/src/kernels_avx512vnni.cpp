@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "persona4rec/kernels.hpp"
+#include "prefetch_ahead.hpp"
 
 #ifndef P4R_VNNI_PREFETCH_GROUPS
 #define P4R_VNNI_PREFETCH_GROUPS 2
@@ -31,9 +32,7 @@ void dot_rows_avx512vnni(const QueryCodes& qc, const int8_t* rows, std::size_t n
   const int8_t* end = rows + n_rows * d;
   std::size_t r = 0;
   for (; r + 4 <= n_rows; r += 4) {
-    const int8_t* ahead = rows + r * d + P4R_VNNI_PREFETCH_GROUPS * group_bytes;
-    for (std::size_t off = 0; off < group_bytes && ahead + off < end; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+    prefetch_group_ahead(rows + r * d, group_bytes, P4R_VNNI_PREFETCH_GROUPS, end);
     const int8_t* v0 = rows + (r + 0) * d;
     const int8_t* v1 = rows + (r + 1) * d;
     const int8_t* v2 = rows + (r + 2) * d;
@@ -119,9 +118,7 @@ void tile4(const QueryCodes* qs, const int8_t* rows, std::size_t n_rows, std::si
   const int8_t* end = rows + n_rows * d;
   std::size_t r = 0;
   for (; r + 4 <= n_rows; r += 4) {
-    const int8_t* ahead = rows + r * d + P4R_VNNI_PREFETCH_GROUPS * group_bytes;
-    for (std::size_t off = 0; off < group_bytes && ahead + off < end; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+    prefetch_group_ahead(rows + r * d, group_bytes, P4R_VNNI_PREFETCH_GROUPS, end);
     const int8_t* v0 = rows + (r + 0) * d;
     const int8_t* v1 = rows + (r + 1) * d;
     const int8_t* v2 = rows + (r + 2) * d;

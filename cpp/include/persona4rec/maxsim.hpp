@@ -78,7 +78,8 @@ constexpr float kMaxQueryAbs = 1e15f;
 QueryProblem prepare_queries(const float* x, std::size_t n, std::size_t d, PreparedQueries& out,
                              std::size_t& bad_row);
 
-// Checks per-query lists in CSR form: n_lists + 1 offsets starting at 0, non-decreasing,
+// Checks lists in CSR form (per-query item lists, or strings over a byte array): n_lists + 1
+// offsets starting at 0, non-decreasing,
 // ending at n_entries. Returns an empty string when valid, else what is wrong.
 std::string validate_lists(const int64_t* offsets, std::size_t n_lists, int64_t n_entries);
 
