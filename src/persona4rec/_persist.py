@@ -61,7 +61,8 @@ _ALIGN = 64
 _MAX_JSON = 1 << 26  # a header beyond 64 MiB is not one this writer produces
 _TEXT_FIELDS = ("persona_id", "name", "description", "rationale")
 
-__all__ = ["IndexFormatError", "StringColumn", "atomic_write", "load_index", "save_index", "sweep_temp_files"]
+__all__ = ["IndexFormatError", "StringColumn", "atomic_write", "fsync_dir", "load_index", "save_index",
+           "sweep_temp_files"]
 
 
 class StringColumn:
@@ -112,7 +113,8 @@ def _align(n: int) -> int:
 
 
 # ------------------------------------------------------------------ atomic writes
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so renames inside it are durable (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -196,7 +198,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -378,6 +378,27 @@ def _persona_texts(personas: Any, item_ids: list[Any], offsets: np.ndarray) -> d
     return cols
 
 
+def fuse_with_base_scores(persona_scores: np.ndarray, base_scores: Any, alpha: float, n_candidates: int,
+                          kept: np.ndarray | None) -> np.ndarray:
+    """``alpha * persona_score + (1 - alpha) * minmax(base_scores)`` for the kept candidates
+    (``kept``: their positions among all ``n_candidates``, None for all); the persona scores
+    alone when ``base_scores`` is None. Checks the first-stage scores it is given."""
+    if base_scores is None:
+        return persona_scores
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = np.asarray(base_scores, dtype=np.float32)
+    if base.shape != (n_candidates,):
+        raise ValueError(f"base_scores must have one score per candidate ({n_candidates}), got shape {base.shape}")
+    if not np.all(np.isfinite(base)):
+        raise ValueError("base_scores contain NaN or infinity")
+    if kept is not None:
+        base = base[kept]
+    if not len(base):
+        return persona_scores
+    return np.asarray(np.float32(alpha) * persona_scores + np.float32(1 - alpha) * _minmax(base))
+
+
 def _minmax(x: np.ndarray) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     if hi > lo:
@@ -575,19 +596,7 @@ class PersonaIndex:
                 return RerankResult(ids, scores, scores, rows, self, snap)
         idx, pos = self._indices(snap, cand, unknown, "candidate ids", need_personas=True)
         persona_scores, rows = snap.core.score_candidates(q, idx)
-        fused = persona_scores
-        if base_scores is not None:
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-            base = np.asarray(base_scores, dtype=np.float32)
-            if base.shape != (len(cand),):
-                raise ValueError(f"base_scores must have one score per candidate ({len(cand)}), got shape {base.shape}")
-            if not np.all(np.isfinite(base)):
-                raise ValueError("base_scores contain NaN or infinity")
-            if pos is not None:
-                base = base[pos]
-            if len(base):
-                fused = np.float32(alpha) * persona_scores + np.float32(1 - alpha) * _minmax(base)
+        fused = fuse_with_base_scores(persona_scores, base_scores, alpha, len(cand), pos)
         order = np.argsort(-fused, kind="stable")
         positions = order if pos is None else pos[order]
         if snap.id_kind == "int":

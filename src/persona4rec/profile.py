@@ -35,6 +35,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 
 from persona4rec._core import checksum64_rows
+from persona4rec._persist import atomic_write
 from persona4rec.errors import CacheCorruptError, EmptyHistoryError, EncoderMismatchError
 from persona4rec.paths import default_cache_dir
 
@@ -295,8 +296,9 @@ class _DirectoryWriter:
     _registry: dict[Path, "_DirectoryWriter"] = {}
     _registry_lock = threading.Lock()
 
-    def __init__(self, directory: Path, fd: int):
+    def __init__(self, directory: Path, key: Path, fd: int):
         self.directory = directory
+        self.key = key  # the resolved directory: the registry's key
         self.fd = fd
         self.users = 0
         self.mutex = threading.Lock()
@@ -320,7 +322,7 @@ class _DirectoryWriter:
                         f"interaction cache {directory} is open for writing in another process; "
                         "open it with read_only=True, or give this process its own cache directory."
                     ) from None
-                writer = cls._registry[key] = cls(directory, fd)
+                writer = cls._registry[key] = cls(directory, key, fd)
             writer.users += 1
             return writer
 
@@ -328,7 +330,7 @@ class _DirectoryWriter:
         with self._registry_lock:
             self.users -= 1
             if self.users == 0:
-                self._registry.pop(self.directory.resolve(), None)
+                self._registry.pop(self.key, None)
                 os.close(self.fd)
 
     def append(self, keys: bytes, vectors: np.ndarray, sums: np.ndarray) -> None:
@@ -414,10 +416,8 @@ class InteractionEmbeddingCache:
         meta = {"version": _CACHE_VERSION, "fingerprint": self.fingerprint, "dim": self.dim,
                 "key": f"blake2b-{_KEY_BYTES * 8} of UTF-8 text", "dtype": "float32",
                 "row_checksum": "checksum64 of the vector, seeded by the key's first 8 bytes"}
-        meta_path = self.directory / _META_FILE
-        tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, meta_path)
+        text = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+        atomic_write(self.directory / _META_FILE, lambda f: f.write(text))
         self._version = _CACHE_VERSION
 
     def _check_meta(self, meta_path: Path) -> None:

@@ -44,8 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from persona4rec.encoder import EncoderMismatchError
-from persona4rec.index import PersonaIndex, PersonaMatch, UnknownItemError
+from persona4rec._persist import atomic_write, fsync_dir
+from persona4rec.errors import EncoderMismatchError
+from persona4rec.hashing import file_blake2b
+from persona4rec.index import PersonaIndex, PersonaMatch, UnknownItemError, fuse_with_base_scores
 
 __all__ = [
     "IndexShard",
@@ -90,30 +92,6 @@ def shard_of(item_id: Hashable, n_shards: int) -> int:
     return int.from_bytes(digest, "little") % n_shards
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -176,7 +154,7 @@ class IndexShard:
                 if p.stat().st_size != entry[size_key]:
                     raise ManifestError(f"shard {shard_no}: {p} has {p.stat().st_size} bytes, the manifest says "
                                         f"{entry[size_key]}: the directory was modified outside ShardedPersonaIndex")
-                if verify and _file_digest(p) != entry[digest_key]:
+                if verify and file_blake2b(p) != entry[digest_key]:
                     raise ManifestError(f"shard {shard_no}: {p} does not match the manifest's checksum")
             index = PersonaIndex.load(index_path, mmap=mmap, verify=verify)
             ordinals = np.load(ord_path, allow_pickle=False)
@@ -377,18 +355,7 @@ def fuse_rerank(cand: list, routed: list[list[int]], results: Mapping[int, tuple
         raise UnknownItemError(f"{len(missing)} candidate ids not in the index (or removed), e.g. {bad!r}: "
                                "pass unknown='skip' to drop them")
     ps = persona_scores[pos]
-    fused = ps
-    if base_scores is not None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        base = np.asarray(base_scores, dtype=np.float32)
-        if base.shape != (len(cand),):
-            raise ValueError(f"base_scores must have one score per candidate ({len(cand)}), got shape {base.shape}")
-        if not np.all(np.isfinite(base)):
-            raise ValueError("base_scores contain NaN or infinity")
-        base = base[pos]
-        if len(base):
-            fused = np.float32(alpha) * ps + np.float32(1 - alpha) * _minmax(base)
+    fused = fuse_with_base_scores(ps, base_scores, alpha, len(cand), pos)
     order = np.argsort(-fused, kind="stable")
     return ShardedRerankResult([cand[int(p)] for p in pos[order]], fused[order], ps[order],
                                [persona_ids[int(p)] for p in pos[order]])
@@ -936,8 +903,9 @@ class ShardedPersonaIndex:
                 "n_personas": self.n_personas,
                 "shards": entries,
             }
-            _fsync_dir(path)  # the shard files' names are durable before the manifest names them
-            _write_atomic(path / MANIFEST, json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
+            fsync_dir(path)  # the shard files' names are durable before the manifest names them
+            manifest = json.dumps(meta, indent=1, sort_keys=True).encode("utf-8")
+            atomic_write(path / MANIFEST, lambda f: f.write(manifest))
             for shard, entry in zip(self._shards, entries):
                 shard.source = (path, entry)
             _remove_unreferenced(path, entries)
@@ -952,17 +920,12 @@ class ShardedPersonaIndex:
         ord_name = f"shard-{s:04d}.g{generation}.ord.npy"
         shard.index.save(path / name)  # temp file + fsync + rename inside PersonaIndex.save
         ordinals = shard.ordinals_in_order()
-        tmp = path / f".{ord_name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, ordinals, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / ord_name)
+        atomic_write(path / ord_name, lambda f: np.save(f, ordinals, allow_pickle=False))
         return {**base, "n_items": shard.index.n_items, "n_personas": shard.index.n_personas,
                 "file": name, "file_bytes": (path / name).stat().st_size,
-                "file_blake2b": _file_digest(path / name),
+                "file_blake2b": file_blake2b(path / name),
                 "ordinals_file": ord_name, "ordinals_bytes": (path / ord_name).stat().st_size,
-                "ordinals_blake2b": _file_digest(path / ord_name)}
+                "ordinals_blake2b": file_blake2b(path / ord_name)}
 
 
 @contextmanager
@@ -987,10 +950,3 @@ def _remove_unreferenced(path: Path, entries: list[dict]) -> None:
                 p.unlink()
             except FileNotFoundError:
                 pass
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    if hi > lo:
-        return ((x - lo) / (hi - lo)).astype(np.float32)
-    return np.zeros_like(x, dtype=np.float32)
